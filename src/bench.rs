@@ -1,0 +1,144 @@
+//! `merge-indexer bench ingest`: end-to-end ingest throughput (consume → validate → one
+//! RocksDB WriteBatch with offsets per micro-batch) against the embedded broker, and in the
+//! same run a bare rdkafka consume loop that does nothing with the messages — the physical
+//! limit of this machine and client. Throughput targets are checked here, never in tests.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::Message;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::kafka::{base_client_config, produce_all, reliable_producer, EmbeddedBroker};
+use crate::source::{Indexer, RunOptions};
+use crate::state::StateStore;
+use crate::synth::{SyntheticCatalog, SyntheticCatalogSpec};
+
+/// `bench ingest` flags.
+#[derive(Debug, Args, Clone)]
+pub struct IngestBenchArgs {
+    /// Events to produce and consume (synthetic catalog: ~1 product event per 6 query events).
+    #[arg(long, default_value_t = 200_000)]
+    pub events: usize,
+    /// Measurement rounds; each runs the bare loop and the indexer once, on fresh consumer groups.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
+    /// fsync the RocksDB WAL on every batch (default: not; see README "Durability").
+    #[arg(long)]
+    pub sync_writes: bool,
+    /// Where the benchmark's state directories go (default: a temporary directory).
+    #[arg(long)]
+    pub work_dir: Option<std::path::PathBuf>,
+}
+
+/// One round's numbers.
+#[derive(Debug, Clone, Serialize)]
+pub struct IngestRound {
+    /// Bare consume loop, events per second.
+    pub bare_consume_events_per_second: f64,
+    /// Indexer, events per second.
+    pub ingest_events_per_second: f64,
+    /// `ingest / bare`.
+    pub ratio: f64,
+}
+
+/// Runs the benchmark and prints a table and one JSON line.
+pub async fn ingest_benchmark(mut config: Config, arguments: &IngestBenchArgs) -> anyhow::Result<()> {
+    crate::metrics::install_recorder_without_listener()?;
+    config.state.sync_writes = arguments.sync_writes;
+    let broker = EmbeddedBroker::start_for(&config)?;
+    let bootstrap = broker.bootstrap_servers().to_owned();
+    let topics = config.kafka.topics.clone();
+    let products = (arguments.events / 7).max(1);
+    let queries = (arguments.events / 14).max(1);
+    let spec = SyntheticCatalogSpec { products, queries, judgements_per_query: 4, seed: 7, churn_fraction: 0.0 };
+    let mut messages = SyntheticCatalog::generate(&spec).messages(&topics.products, &topics.query_events);
+    messages.truncate(arguments.events);
+    let events = messages.len();
+    let producer = reliable_producer(&config.kafka, &bootstrap)?;
+    let started = Instant::now();
+    produce_all(&producer, &messages).await?;
+    println!("produced {events} events in {:.2} s to {bootstrap}", started.elapsed().as_secs_f64());
+    drop(messages);
+
+    let work_dir = match &arguments.work_dir {
+        Some(directory) => tempfile::Builder::new().prefix("bench-ingest-").tempdir_in(directory)?,
+        None => tempfile::Builder::new().prefix("merge-indexer-bench-").tempdir()?,
+    };
+    let mut rounds = Vec::new();
+    for round in 0..arguments.rounds.max(1) {
+        let bare_rate = bare_consume_rate(&config, &bootstrap, &format!("bench-bare-{round}"), events).await?;
+        let mut indexer_config = config.clone();
+        indexer_config.kafka.group_id = format!("bench-indexer-{round}");
+        indexer_config.state_dir = work_dir.path().join(format!("state-{round}"));
+        let ingest_rate = indexer_rate(indexer_config, &bootstrap, events).await?;
+        let result = IngestRound { bare_consume_events_per_second: bare_rate, ingest_events_per_second: ingest_rate, ratio: ingest_rate / bare_rate };
+        println!(
+            "round {round}: bare consume {:>10.0} events/s | ingest {:>10.0} events/s | ratio {:.2}",
+            result.bare_consume_events_per_second, result.ingest_events_per_second, result.ratio
+        );
+        rounds.push(result);
+    }
+    let best_bare = rounds.iter().map(|round| round.bare_consume_events_per_second).fold(0.0, f64::max);
+    let best_ingest = rounds.iter().map(|round| round.ingest_events_per_second).fold(0.0, f64::max);
+    println!(
+        "best: bare consume {best_bare:.0} events/s, ingest {best_ingest:.0} events/s, ratio {:.2} (target >= 0.50), sync_writes={}",
+        best_ingest / best_bare,
+        arguments.sync_writes
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "events": events, "sync_writes": arguments.sync_writes, "batch_max_events": config.batch.max_events,
+            "rounds": rounds, "best_bare_events_per_second": best_bare, "best_ingest_events_per_second": best_ingest,
+            "best_ratio": best_ingest / best_bare,
+        })
+    );
+    Ok(())
+}
+
+/// A consumer-group member with the indexer's consumer settings that only counts messages.
+/// Timed from the first message to the `events`-th, like the indexer.
+async fn bare_consume_rate(config: &Config, bootstrap: &str, group_id: &str, events: usize) -> anyhow::Result<f64> {
+    let mut client_config = base_client_config(&config.kafka, bootstrap)?;
+    client_config
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed");
+    let consumer: StreamConsumer = client_config.create().context("creating bare consumer")?;
+    consumer.subscribe(&[config.kafka.topics.products.as_str(), config.kafka.topics.query_events.as_str()])?;
+    let mut received = 0usize;
+    let mut payload_bytes = 0usize;
+    let mut first = None;
+    while received < events {
+        let message = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+            .await
+            .context("bare consumer stalled for 60 s")??;
+        first.get_or_insert_with(Instant::now);
+        payload_bytes += message.payload().map_or(0, <[u8]>::len);
+        received += 1;
+    }
+    let seconds = first.map_or(0.0, |first| first.elapsed().as_secs_f64());
+    tracing::debug!(received, payload_bytes, seconds, "bare consume done");
+    Ok(received as f64 / seconds.max(1e-9))
+}
+
+async fn indexer_rate(config: Config, bootstrap: &str, events: usize) -> anyhow::Result<f64> {
+    let state = Arc::new(StateStore::open(&config.state_dir, &config.state)?);
+    let indexer = Indexer::connect(Arc::new(config), state, bootstrap)?;
+    let (_keep_open, shutdown) = watch::channel(false);
+    let summary = indexer.run(shutdown, RunOptions { stop_when_caught_up: true, max_batches: None }).await?;
+    anyhow::ensure!(
+        summary.records() as usize == events,
+        "indexer consumed {} records, expected {events}",
+        summary.records()
+    );
+    Ok(summary.records() as f64 / summary.active_seconds.max(1e-9))
+}

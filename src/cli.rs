@@ -1,0 +1,450 @@
+//! The command line: `run`, `demo`, `produce`, `inspect` and `bench`. Parsing lives here;
+//! each command is a thin composition of the library's stages.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio::sync::watch;
+
+use crate::config::{Config, FlagOverrides};
+use crate::datasets::{default_esci_dir, EsciDataset};
+use crate::kafka::{base_client_config, produce_all, reliable_producer, EmbeddedBroker, OutgoingMessage};
+use crate::source::{Indexer, RunOptions, RunSummary};
+use crate::state::{ClusterBinding, StateStore};
+use crate::synth::{malformed_examples, SyntheticCatalog, SyntheticCatalogSpec};
+
+/// merge-indexer: a streaming incremental indexer for MERGE generative retrieval.
+#[derive(Debug, Parser)]
+#[command(name = "merge-indexer", version, about, long_about = None)]
+pub struct Cli {
+    /// TOML configuration file (see ops/config/merge-indexer.example.toml).
+    #[arg(long, global = true, env = "MERGE_INDEXER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the streaming indexer until interrupted (embedded broker when --brokers is absent).
+    Run(RunArgs),
+    /// Start the embedded broker, produce a synthetic catalog, index it until caught up, print a summary.
+    Demo(DemoArgs),
+    /// Produce events (JSONL files, the synthetic catalog or the ESCI data) to a broker.
+    Produce(ProduceArgs),
+    /// Print state counts, stored offsets and dead-letter counts of a state directory.
+    Inspect(InspectArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// Flags every indexing command shares.
+#[derive(Debug, Args, Clone, Default)]
+pub struct CommonArgs {
+    /// State directory [default: ./state].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Kafka bootstrap servers; absent starts the embedded broker.
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// Address of the Prometheus endpoint [default: 127.0.0.1:9898].
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+impl CommonArgs {
+    fn overrides(&self) -> FlagOverrides {
+        FlagOverrides { state_dir: self.state_dir.clone(), metrics_addr: self.metrics_addr, brokers: self.brokers.clone() }
+    }
+}
+
+/// `run` flags.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Exit once every assigned partition is caught up, instead of running until interrupted.
+    #[arg(long)]
+    pub until_caught_up: bool,
+}
+
+/// `demo` flags.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Products in the synthetic catalog.
+    #[arg(long, default_value_t = 2_000)]
+    pub products: usize,
+    /// Queries in the synthetic catalog.
+    #[arg(long, default_value_t = 300)]
+    pub queries: usize,
+    /// Seed of the synthetic catalog.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Keep indexing (and serving /metrics) after the summary until interrupted.
+    #[arg(long)]
+    pub keep_running: bool,
+}
+
+/// What `produce` sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProduceTopic {
+    /// The products topic.
+    Products,
+    /// The query-events topic.
+    QueryEvents,
+}
+
+/// `produce` flags.
+#[derive(Debug, Args)]
+pub struct ProduceArgs {
+    /// Kafka bootstrap servers (e.g. the address `run` prints for its embedded broker).
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// Accepted for symmetry with the other commands; `produce` does not touch state.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// What to produce.
+    #[command(subcommand)]
+    pub source: ProduceSource,
+}
+
+/// Sources of events for `produce`.
+#[derive(Debug, Subcommand)]
+pub enum ProduceSource {
+    /// One message per line of a JSONL file, sent as is (invalid lines too: they exercise the dead-letter path).
+    File {
+        /// Destination topic.
+        #[arg(long, value_enum)]
+        topic: ProduceTopic,
+        /// The JSONL file.
+        path: PathBuf,
+    },
+    /// The deterministic synthetic catalog (products, then judgements and interactions).
+    Synthetic {
+        /// Products.
+        #[arg(long, default_value_t = 2_000)]
+        products: usize,
+        /// Queries.
+        #[arg(long, default_value_t = 300)]
+        queries: usize,
+        /// Seed.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// The real ESCI subset (products and graded judgements).
+    Esci {
+        /// ESCI folder [default: $MERGE_INDEXER_ESCI_DIR or ../shared/data/esci].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// `inspect` flags.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// State directory [default: ./state].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Ingest throughput against the embedded broker, next to a bare rdkafka consume loop.
+    Ingest(crate::bench::IngestBenchArgs),
+}
+
+/// Runs the parsed command line.
+pub async fn execute(cli: Cli) -> anyhow::Result<()> {
+    let config_file = cli.config.as_deref();
+    match cli.command {
+        Command::Run(arguments) => run_command(Config::load(config_file, &arguments.common.overrides())?, arguments.until_caught_up).await,
+        Command::Demo(arguments) => demo_command(Config::load(config_file, &arguments.common.overrides())?, &arguments).await,
+        Command::Produce(arguments) => {
+            let overrides = FlagOverrides { brokers: arguments.brokers.clone(), state_dir: arguments.state_dir.clone(), ..Default::default() };
+            produce_command(Config::load(config_file, &overrides)?, arguments.source).await
+        }
+        Command::Inspect(arguments) => {
+            let overrides = FlagOverrides { state_dir: arguments.state_dir.clone(), ..Default::default() };
+            inspect_command(&Config::load(config_file, &overrides)?, arguments.json)
+        }
+        Command::Bench(BenchCommand::Ingest(arguments)) => crate::bench::ingest_benchmark(Config::load(config_file, &FlagOverrides::default())?, &arguments).await,
+    }
+}
+
+/// The Kafka the indexer talks to: a configured cluster, or the embedded broker it owns.
+pub struct KafkaEndpoint {
+    /// `bootstrap.servers`.
+    pub bootstrap_servers: String,
+    /// The embedded broker, kept alive as long as this value.
+    pub embedded: Option<EmbeddedBroker>,
+}
+
+impl KafkaEndpoint {
+    /// Connects to `config.kafka.brokers`, or starts the embedded broker and prints its address.
+    pub fn from_config(config: &Config) -> anyhow::Result<Self> {
+        if let Some(brokers) = &config.kafka.brokers {
+            return Ok(Self { bootstrap_servers: brokers.clone(), embedded: None });
+        }
+        let broker = EmbeddedBroker::start_for(config)?;
+        println!("embedded Kafka broker (librdkafka mock cluster) listening on {}", broker.bootstrap_servers());
+        println!("  produce to it with: merge-indexer produce --brokers {} synthetic", broker.bootstrap_servers());
+        Ok(Self { bootstrap_servers: broker.bootstrap_servers().to_owned(), embedded: Some(broker) })
+    }
+}
+
+/// Fetches the cluster id (blocking metadata request).
+fn fetch_cluster_id(config: &Config, bootstrap_servers: &str) -> anyhow::Result<String> {
+    use rdkafka::consumer::Consumer;
+    let consumer: rdkafka::consumer::BaseConsumer = base_client_config(&config.kafka, bootstrap_servers)?.create()?;
+    consumer
+        .client()
+        .fetch_cluster_id(Duration::from_secs(15))
+        .with_context(|| format!("no cluster id from {bootstrap_servers} within 15 s: is the broker reachable?"))
+}
+
+/// Opens the state and binds it to the cluster. State left by an embedded broker (whose
+/// events died with it) is discarded; state of another real cluster is an error.
+pub fn open_state_for_cluster(config: &Config, endpoint: &KafkaEndpoint) -> anyhow::Result<Arc<StateStore>> {
+    let cluster_id = fetch_cluster_id(config, &endpoint.bootstrap_servers)?;
+    let embedded = endpoint.embedded.is_some();
+    let state = StateStore::open(&config.state_dir, &config.state)?;
+    match state.bind_cluster(&cluster_id, embedded)? {
+        ClusterBinding::NewlyBound | ClusterBinding::Same => Ok(Arc::new(state)),
+        ClusterBinding::Mismatch { stored_cluster_id, stored_was_embedded: true } => {
+            tracing::warn!(state_dir = %config.state_dir.display(), %stored_cluster_id, %cluster_id,
+                "state belongs to a previous embedded broker whose events are gone; starting from empty state");
+            drop(state);
+            clear_state_dir(&config.state_dir)?;
+            let state = StateStore::open(&config.state_dir, &config.state)?;
+            state.bind_cluster(&cluster_id, embedded)?;
+            Ok(Arc::new(state))
+        }
+        ClusterBinding::Mismatch { stored_cluster_id, stored_was_embedded: false } => bail!(
+            "state dir {} holds offsets of Kafka cluster {stored_cluster_id}, not of {cluster_id}; \
+             offsets do not carry across clusters: use another --state-dir",
+            config.state_dir.display()
+        ),
+    }
+}
+
+/// Removes the RocksDB files of a state dir, keeping the directory and its README/.gitignore.
+fn clear_state_dir(state_dir: &Path) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(state_dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name == "README.md" || name == ".gitignore" {
+            continue;
+        }
+        let path = entry.path();
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path)?;
+        } else {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
+}
+
+/// A shutdown signal that turns true on Ctrl-C or SIGTERM.
+pub fn shutdown_on_signals() -> watch::Receiver<bool> {
+    let (sender, receiver) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match terminate.as_mut() { Some(signal) => { signal.recv().await; } None => std::future::pending().await } } => {}
+        }
+        tracing::info!("shutdown requested; finishing the current batch");
+        let _ = sender.send(true);
+    });
+    receiver
+}
+
+async fn run_command(config: Config, until_caught_up: bool) -> anyhow::Result<()> {
+    crate::metrics::install_exporter(config.metrics_addr)?;
+    println!("metrics on http://{}/metrics", config.metrics_addr);
+    let endpoint = KafkaEndpoint::from_config(&config)?;
+    let state = open_state_for_cluster(&config, &endpoint)?;
+    let config = Arc::new(config);
+    let indexer = Indexer::connect(Arc::clone(&config), state, &endpoint.bootstrap_servers)?;
+    let summary = indexer
+        .run(shutdown_on_signals(), RunOptions { stop_when_caught_up: until_caught_up, max_batches: None })
+        .await?;
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}
+
+async fn demo_command(config: Config, arguments: &DemoArgs) -> anyhow::Result<()> {
+    let metrics = crate::metrics::install_exporter(config.metrics_addr)?;
+    let endpoint = KafkaEndpoint::from_config(&config)?;
+    let state = open_state_for_cluster(&config, &endpoint)?;
+    let spec = SyntheticCatalogSpec { products: arguments.products, queries: arguments.queries, seed: arguments.seed, ..Default::default() };
+    let catalog = SyntheticCatalog::generate(&spec);
+    let topics = &config.kafka.topics;
+    let mut messages = catalog.messages(&topics.products, &topics.query_events);
+    messages.extend(malformed_examples(&topics.products, &topics.query_events));
+    let producer = reliable_producer(&config.kafka, &endpoint.bootstrap_servers)?;
+    let produced = produce_all(&producer, &messages).await?;
+    println!(
+        "produced {produced} events ({} product events for {} products, {} query events, {} malformed)",
+        catalog.product_events.len(),
+        catalog.products.len(),
+        catalog.query_events.len(),
+        produced - catalog.product_events.len() - catalog.query_events.len()
+    );
+    let config = Arc::new(config);
+    let indexer = Indexer::connect(Arc::clone(&config), Arc::clone(&state), &endpoint.bootstrap_servers)?;
+    let shutdown = shutdown_on_signals();
+    let summary = indexer.run(shutdown.clone(), RunOptions { stop_when_caught_up: true, max_batches: None }).await?;
+    print_demo_summary(&state, &summary, &indexer)?;
+    let rendered = metrics.render();
+    let metric_lines = rendered.lines().filter(|line| !line.starts_with('#')).count();
+    println!("metrics: {metric_lines} samples at http://{}/metrics", config.metrics_addr);
+    if arguments.keep_running {
+        println!("indexing continues until Ctrl-C");
+        indexer.run(shutdown, RunOptions::default()).await?;
+    }
+    Ok(())
+}
+
+fn print_demo_summary(state: &StateStore, summary: &RunSummary, indexer: &Indexer) -> anyhow::Result<()> {
+    let counts = state.counts()?;
+    let rate = summary.records() as f64 / summary.active_seconds.max(1e-9);
+    println!("caught up: {} events in {} batches, {:.0} events/s while active", summary.records(), summary.batches, rate);
+    println!("  outcomes: {}", serde_json::to_string(&summary.outcomes)?);
+    println!("  products stored: {}, judgement pairs: {}", counts.products, counts.judgement_pairs);
+    println!("  judgement pairs without a stored product: {}", state.count_judgements_without_product()?);
+    println!("  dead letters by reason: {}", serde_json::to_string(&counts.dead_letters)?);
+    for lag in indexer.partition_lags()? {
+        println!("  {}/{}: next offset {} of {} (lag {})", lag.topic, lag.partition, lag.next_offset, lag.high_watermark, lag.lag);
+    }
+    Ok(())
+}
+
+async fn produce_command(config: Config, source: ProduceSource) -> anyhow::Result<()> {
+    let Some(brokers) = config.kafka.brokers.clone() else {
+        bail!("produce needs --brokers (for the embedded broker, use the address `merge-indexer run` prints)");
+    };
+    let topics = &config.kafka.topics;
+    let messages = match source {
+        ProduceSource::File { topic, path } => {
+            let topic_name = match topic {
+                ProduceTopic::Products => topics.products.clone(),
+                ProduceTopic::QueryEvents => topics.query_events.clone(),
+            };
+            jsonl_messages(&path, &topic_name, topic == ProduceTopic::Products)?
+        }
+        ProduceSource::Synthetic { products, queries, seed } => {
+            let spec = SyntheticCatalogSpec { products, queries, seed, ..Default::default() };
+            SyntheticCatalog::generate(&spec).messages(&topics.products, &topics.query_events)
+        }
+        ProduceSource::Esci { dir } => {
+            let directory = dir.unwrap_or_else(default_esci_dir);
+            EsciDataset::load(&directory)?.messages(&topics.products, &topics.query_events)
+        }
+    };
+    let producer = reliable_producer(&config.kafka, &brokers)?;
+    let delivered = produce_all(&producer, &messages).await?;
+    println!("delivered {delivered} messages to {brokers}");
+    Ok(())
+}
+
+/// Reads a JSONL file into messages, one per non-blank line, unchanged. For the products
+/// topic the key is the line's `product_id` when the line is JSON with one (so compaction
+/// works), otherwise no key.
+pub fn jsonl_messages(path: &Path, topic: &str, keyed_by_product_id: bool) -> anyhow::Result<Vec<OutgoingMessage>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let messages = text
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            let key = keyed_by_product_id
+                .then(|| serde_json::from_str::<serde_json::Value>(line).ok())
+                .flatten()
+                .and_then(|value| value.get("product_id").and_then(|id| id.as_str()).map(|id| id.as_bytes().to_vec()));
+            OutgoingMessage { topic: topic.to_owned(), key, payload: Some(line.as_bytes().to_vec()) }
+        })
+        .collect();
+    Ok(messages)
+}
+
+/// What `inspect` reports.
+#[derive(Debug, serde::Serialize)]
+pub struct InspectReport {
+    /// The state directory.
+    pub state_dir: PathBuf,
+    /// The Kafka cluster the state is bound to.
+    pub kafka_cluster_id: Option<String>,
+    /// Counters.
+    pub counts: crate::state::StateCounts,
+    /// Judgement pairs whose product is not stored (kept for when it arrives).
+    pub judgement_pairs_without_product: i64,
+    /// Judgement pairs per highest level (`E`, `S`, `C`, `I`, `none`).
+    pub judgement_pairs_by_max_level: std::collections::BTreeMap<String, i64>,
+    /// Next offset per `topic/partition`.
+    pub stored_offsets: std::collections::BTreeMap<String, i64>,
+}
+
+/// Builds the `inspect` report of an open state.
+pub fn inspect_report(state: &StateStore) -> anyhow::Result<InspectReport> {
+    let mut by_level = std::collections::BTreeMap::new();
+    state.for_each_judgement(|_, aggregate| {
+        let label = aggregate.max_level.map_or("none".to_owned(), |level| level.label().to_owned());
+        *by_level.entry(label).or_insert(0) += 1;
+    })?;
+    Ok(InspectReport {
+        state_dir: state.path().to_owned(),
+        kafka_cluster_id: state.bound_cluster_id()?,
+        counts: state.counts()?,
+        judgement_pairs_without_product: state.count_judgements_without_product()?,
+        judgement_pairs_by_max_level: by_level,
+        stored_offsets: state
+            .stored_offsets()?
+            .into_iter()
+            .map(|((topic, partition), next)| (format!("{topic}/{partition}"), next))
+            .collect(),
+    })
+}
+
+fn inspect_command(config: &Config, json: bool) -> anyhow::Result<()> {
+    if !config.state_dir.join("CURRENT").exists() {
+        bail!("{} holds no state yet (run `merge-indexer run` or `demo` first)", config.state_dir.display());
+    }
+    let state = StateStore::open_read_only(&config.state_dir)?;
+    let report = inspect_report(&state)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("state dir:        {}", report.state_dir.display());
+    println!("kafka cluster:    {}", report.kafka_cluster_id.as_deref().unwrap_or("(not bound yet)"));
+    println!("products:         {}", report.counts.products);
+    println!("judgement pairs:  {} ({} without a stored product)", report.counts.judgement_pairs, report.judgement_pairs_without_product);
+    println!("  by max level:   {}", serde_json::to_string(&report.judgement_pairs_by_max_level)?);
+    println!("events:");
+    for (topic_outcome, count) in &report.counts.events {
+        println!("  {topic_outcome:<40} {count}");
+    }
+    println!("dead letters:");
+    for (reason, count) in &report.counts.dead_letters {
+        println!("  {reason:<40} {count}");
+    }
+    println!("stored offsets (next to consume):");
+    for (partition, next) in &report.stored_offsets {
+        println!("  {partition:<40} {next}");
+    }
+    Ok(())
+}

@@ -1,0 +1,850 @@
+//! Event types of the `products` and `query-events` topics, their JSON decoding and validation,
+//! and the mapping of implicit interactions to graded relevance levels.
+//!
+//! Decoding is deliberately hand-written over [`serde_json::Value`] instead of a derived
+//! `Deserialize`: every way an event can be wrong gets its own [`DeadLetterReason`] and a detail
+//! naming the offending field, which is what a catalog team reading the dead-letter topic needs.
+//! Unknown fields are accepted and ignored so producers can add fields before we read them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The only `schema_version` this build understands, for every topic.
+pub const SCHEMA_VERSION: u64 = 1;
+
+/// Graded relevance of a product to a query, ordered `Irrelevant < Complement < Substitute < Exact`
+/// (the ESCI scale MERGE trains on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum RelevanceLevel {
+    /// `I`: the product does not satisfy the query.
+    #[serde(rename = "I")]
+    Irrelevant = 0,
+    /// `C`: the product complements what the query asks for.
+    #[serde(rename = "C")]
+    Complement = 1,
+    /// `S`: the product could substitute for what the query asks for.
+    #[serde(rename = "S")]
+    Substitute = 2,
+    /// `E`: the product is exactly what the query asks for.
+    #[serde(rename = "E")]
+    Exact = 3,
+}
+
+impl RelevanceLevel {
+    /// All levels, lowest first; the index of a level in this array is its `u8` value.
+    pub const ALL: [RelevanceLevel; 4] = [
+        RelevanceLevel::Irrelevant,
+        RelevanceLevel::Complement,
+        RelevanceLevel::Substitute,
+        RelevanceLevel::Exact,
+    ];
+
+    /// Parses the one-letter ESCI label (`E`, `S`, `C`, `I`), case-sensitive.
+    pub fn from_label(label: &str) -> Option<Self> {
+        match label {
+            "E" => Some(Self::Exact),
+            "S" => Some(Self::Substitute),
+            "C" => Some(Self::Complement),
+            "I" => Some(Self::Irrelevant),
+            _ => None,
+        }
+    }
+
+    /// The one-letter ESCI label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Exact => "E",
+            Self::Substitute => "S",
+            Self::Complement => "C",
+            Self::Irrelevant => "I",
+        }
+    }
+
+    /// The level's position in [`RelevanceLevel::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for RelevanceLevel {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(self.label())
+    }
+}
+
+/// An implicit interaction logged by the search front end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InteractionAction {
+    /// The product was shown for the query.
+    Impression,
+    /// The product was clicked in the results of the query.
+    Click,
+    /// The product was added to the cart after the query.
+    AddToCart,
+    /// The product was bought after the query.
+    Purchase,
+}
+
+impl InteractionAction {
+    /// All actions, in funnel order; the index of an action here is its counter slot in state.
+    pub const ALL: [InteractionAction; 4] = [
+        InteractionAction::Impression,
+        InteractionAction::Click,
+        InteractionAction::AddToCart,
+        InteractionAction::Purchase,
+    ];
+
+    /// Parses the wire name (`impression`, `click`, `add_to_cart`, `purchase`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "impression" => Some(Self::Impression),
+            "click" => Some(Self::Click),
+            "add_to_cart" => Some(Self::AddToCart),
+            "purchase" => Some(Self::Purchase),
+            _ => None,
+        }
+    }
+
+    /// The wire name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Impression => "impression",
+            Self::Click => "click",
+            Self::AddToCart => "add_to_cart",
+            Self::Purchase => "purchase",
+        }
+    }
+
+    /// The action's position in [`InteractionAction::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            Self::Impression => 0,
+            Self::Click => 1,
+            Self::AddToCart => 2,
+            Self::Purchase => 3,
+        }
+    }
+}
+
+/// The relevance level an implicit action counts as; `None` means "count it, grade nothing".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ActionGrade {
+    /// The action is counted but contributes no relevance level.
+    #[serde(rename = "none")]
+    Ungraded,
+    /// The action counts as this level.
+    #[serde(untagged)]
+    Level(RelevanceLevel),
+}
+
+/// How implicit actions map to relevance levels (config section `[relevance]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelevanceMapping {
+    /// Level of an `impression` (default `none`: being shown says nothing about relevance).
+    pub impression: ActionGrade,
+    /// Level of a `click` (default `C`: weak evidence of relevance).
+    pub click: ActionGrade,
+    /// Level of an `add_to_cart` (default `S`).
+    pub add_to_cart: ActionGrade,
+    /// Level of a `purchase` (default `E`: the strongest behavioural evidence).
+    pub purchase: ActionGrade,
+}
+
+impl Default for RelevanceMapping {
+    fn default() -> Self {
+        Self {
+            impression: ActionGrade::Ungraded,
+            click: ActionGrade::Level(RelevanceLevel::Complement),
+            add_to_cart: ActionGrade::Level(RelevanceLevel::Substitute),
+            purchase: ActionGrade::Level(RelevanceLevel::Exact),
+        }
+    }
+}
+
+impl RelevanceMapping {
+    /// The level `action` counts as, or `None` where the action is configured as ungraded.
+    pub fn level_of(&self, action: InteractionAction) -> Option<RelevanceLevel> {
+        let grade = match action {
+            InteractionAction::Impression => self.impression,
+            InteractionAction::Click => self.click,
+            InteractionAction::AddToCart => self.add_to_cart,
+            InteractionAction::Purchase => self.purchase,
+        };
+        match grade {
+            ActionGrade::Ungraded => None,
+            ActionGrade::Level(level) => Some(level),
+        }
+    }
+}
+
+/// Size limits applied while validating events (config section `[validation]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationLimits {
+    /// Largest accepted message payload, in bytes.
+    pub max_event_bytes: usize,
+    /// Longest accepted `product_id`, in bytes.
+    pub max_product_id_bytes: usize,
+    /// Longest accepted `title`, in bytes.
+    pub max_title_bytes: usize,
+    /// Longest accepted free-text field (`description`, each bullet point, `brand`, …), in bytes.
+    pub max_text_field_bytes: usize,
+    /// Most bullet points or attributes accepted on one product.
+    pub max_list_items: usize,
+    /// Longest accepted `query`, in bytes.
+    pub max_query_bytes: usize,
+}
+
+impl Default for ValidationLimits {
+    fn default() -> Self {
+        Self {
+            max_event_bytes: 1024 * 1024,
+            max_product_id_bytes: 128,
+            max_title_bytes: 2048,
+            max_text_field_bytes: 64 * 1024,
+            max_list_items: 256,
+            max_query_bytes: 1024,
+        }
+    }
+}
+
+/// Why an event was sent to the dead-letter topic. The snake_case name is the `reason` header
+/// value and the `reason` label of `merge_indexer_dead_letters_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadLetterReason {
+    /// The payload is not valid UTF-8 JSON.
+    InvalidJson,
+    /// The payload is JSON but not an object.
+    NotAnObject,
+    /// A required field is absent (or `null`).
+    MissingField,
+    /// A field has the wrong JSON type.
+    WrongType,
+    /// A field is empty or malformed (e.g. a product id with forbidden characters).
+    InvalidValue,
+    /// `schema_version` is not one this build understands.
+    UnsupportedSchemaVersion,
+    /// The whole payload is larger than `max_event_bytes`.
+    OversizeEvent,
+    /// A field is longer than its limit.
+    OversizeField,
+    /// `label` is not one of `E`, `S`, `C`, `I`.
+    UnknownLabel,
+    /// `action` is not one of `impression`, `click`, `add_to_cart`, `purchase`.
+    UnknownAction,
+    /// `op` is not `upsert` or `delete`.
+    UnknownOperation,
+    /// A query event carries both `label` and `action`, or neither.
+    AmbiguousQueryEvent,
+    /// The Kafka key of a product message differs from its `product_id`.
+    KeyMismatch,
+    /// A message without payload where one is required.
+    EmptyPayload,
+}
+
+impl DeadLetterReason {
+    /// Every reason, for pre-registering metrics and documenting the topic.
+    pub const ALL: [DeadLetterReason; 14] = [
+        Self::InvalidJson,
+        Self::NotAnObject,
+        Self::MissingField,
+        Self::WrongType,
+        Self::InvalidValue,
+        Self::UnsupportedSchemaVersion,
+        Self::OversizeEvent,
+        Self::OversizeField,
+        Self::UnknownLabel,
+        Self::UnknownAction,
+        Self::UnknownOperation,
+        Self::AmbiguousQueryEvent,
+        Self::KeyMismatch,
+        Self::EmptyPayload,
+    ];
+
+    /// The snake_case name used in headers, metrics and state.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidJson => "invalid_json",
+            Self::NotAnObject => "not_an_object",
+            Self::MissingField => "missing_field",
+            Self::WrongType => "wrong_type",
+            Self::InvalidValue => "invalid_value",
+            Self::UnsupportedSchemaVersion => "unsupported_schema_version",
+            Self::OversizeEvent => "oversize_event",
+            Self::OversizeField => "oversize_field",
+            Self::UnknownLabel => "unknown_label",
+            Self::UnknownAction => "unknown_action",
+            Self::UnknownOperation => "unknown_operation",
+            Self::AmbiguousQueryEvent => "ambiguous_query_event",
+            Self::KeyMismatch => "key_mismatch",
+            Self::EmptyPayload => "empty_payload",
+        }
+    }
+
+    /// Parses [`DeadLetterReason::as_str`] back.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|reason| reason.as_str() == name)
+    }
+}
+
+impl fmt::Display for DeadLetterReason {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
+
+/// A rejected event: the class of the problem and a human-readable detail.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}: {detail}")]
+pub struct InvalidEvent {
+    /// The class of problem (header `reason` on the dead letter).
+    pub reason: DeadLetterReason,
+    /// What exactly is wrong, naming the field (header `detail` on the dead letter).
+    pub detail: String,
+}
+
+impl InvalidEvent {
+    fn new(reason: DeadLetterReason, detail: impl Into<String>) -> Self {
+        Self { reason, detail: detail.into() }
+    }
+}
+
+/// The content of a product, as upserted on the `products` topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProductContent {
+    /// Locale of the listing (`us`, `es`, `jp`, …), if given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locale: Option<String>,
+    /// Product title (required, non-empty).
+    pub title: String,
+    /// Long description; may contain HTML, cleaned at encoding time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Bullet points, in display order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bullet_points: Vec<String>,
+    /// Brand name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brand: Option<String>,
+    /// Colour name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub color: Option<String>,
+    /// Category path, e.g. `Home > Kitchen > Pans`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+    /// Free-form attributes (size, material, …), sorted by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// A decoded `products` message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProductEvent {
+    /// Insert or replace the product.
+    Upsert {
+        /// Catalog id of the product.
+        product_id: String,
+        /// The product's new content.
+        content: ProductContent,
+    },
+    /// Remove the product (explicit `op: delete`, or a Kafka tombstone).
+    Delete {
+        /// Catalog id of the product.
+        product_id: String,
+    },
+}
+
+impl ProductEvent {
+    /// The product this event is about.
+    pub fn product_id(&self) -> &str {
+        match self {
+            Self::Upsert { product_id, .. } | Self::Delete { product_id } => product_id,
+        }
+    }
+}
+
+/// What a query event says about a (query, product) pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuerySignal {
+    /// An explicit graded judgement.
+    Judgement(RelevanceLevel),
+    /// An implicit interaction.
+    Interaction(InteractionAction),
+}
+
+/// A decoded `query-events` message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryEvent {
+    /// The query, normalised with [`normalize_query`].
+    pub query: String,
+    /// Locale of the query, if given; part of the judgement key.
+    pub locale: Option<String>,
+    /// The product judged or interacted with.
+    pub product_id: String,
+    /// The judgement or interaction.
+    pub signal: QuerySignal,
+}
+
+/// Lower-cases a query and collapses its whitespace, so `"  Red  Shoes "` and `"red shoes"` are
+/// one query (the same normalisation as the ESCI `query_id`).
+pub fn normalize_query(query: &str) -> String {
+    query.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
+}
+
+/// Decodes one `products` message. A missing payload with a key is a tombstone (delete), as
+/// Kafka's compaction convention has it; the key, when present, must equal `product_id`.
+pub fn decode_product_event(
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+    limits: &ValidationLimits,
+) -> Result<ProductEvent, InvalidEvent> {
+    let Some(payload) = payload else {
+        let Some(key) = key else {
+            return Err(InvalidEvent::new(
+                DeadLetterReason::EmptyPayload,
+                "message has neither payload nor key",
+            ));
+        };
+        let product_id = std::str::from_utf8(key)
+            .map_err(|_| InvalidEvent::new(DeadLetterReason::InvalidValue, "tombstone key is not UTF-8"))?;
+        validate_product_id(product_id, limits)?;
+        return Ok(ProductEvent::Delete { product_id: product_id.to_owned() });
+    };
+    let object = parse_object(payload, limits)?;
+    check_schema_version(&object)?;
+    let product_id = required_string(&object, "product_id")?;
+    validate_product_id(&product_id, limits)?;
+    if let Some(key) = key {
+        if key != product_id.as_bytes() {
+            return Err(InvalidEvent::new(
+                DeadLetterReason::KeyMismatch,
+                format!(
+                    "message key {:?} differs from product_id {:?}",
+                    String::from_utf8_lossy(key),
+                    product_id
+                ),
+            ));
+        }
+    }
+    let operation = optional_string(&object, "op")?.unwrap_or_else(|| "upsert".to_owned());
+    match operation.as_str() {
+        "delete" => Ok(ProductEvent::Delete { product_id }),
+        "upsert" => {
+            let content = decode_product_content(&object, limits)?;
+            Ok(ProductEvent::Upsert { product_id, content })
+        }
+        other => Err(InvalidEvent::new(
+            DeadLetterReason::UnknownOperation,
+            format!("op {other:?} is not \"upsert\" or \"delete\""),
+        )),
+    }
+}
+
+/// Decodes one `query-events` message: exactly one of `label` (explicit judgement) or `action`
+/// (implicit interaction) must be present.
+pub fn decode_query_event(payload: Option<&[u8]>, limits: &ValidationLimits) -> Result<QueryEvent, InvalidEvent> {
+    let Some(payload) = payload else {
+        return Err(InvalidEvent::new(DeadLetterReason::EmptyPayload, "query event without payload"));
+    };
+    let object = parse_object(payload, limits)?;
+    check_schema_version(&object)?;
+    let raw_query = required_string(&object, "query")?;
+    check_length("query", &raw_query, limits.max_query_bytes)?;
+    let query = normalize_query(&raw_query);
+    if query.is_empty() {
+        return Err(InvalidEvent::new(DeadLetterReason::InvalidValue, "field `query` is blank"));
+    }
+    let product_id = required_string(&object, "product_id")?;
+    validate_product_id(&product_id, limits)?;
+    let locale = optional_locale(&object)?;
+    let label = optional_string(&object, "label")?;
+    let action = optional_string(&object, "action")?;
+    let signal = match (label, action) {
+        (Some(label), None) => {
+            let level = RelevanceLevel::from_label(&label).ok_or_else(|| {
+                InvalidEvent::new(
+                    DeadLetterReason::UnknownLabel,
+                    format!("label {label:?} is not one of E, S, C, I"),
+                )
+            })?;
+            QuerySignal::Judgement(level)
+        }
+        (None, Some(action)) => {
+            let action = InteractionAction::from_name(&action).ok_or_else(|| {
+                InvalidEvent::new(
+                    DeadLetterReason::UnknownAction,
+                    format!("action {action:?} is not one of impression, click, add_to_cart, purchase"),
+                )
+            })?;
+            QuerySignal::Interaction(action)
+        }
+        (Some(_), Some(_)) => {
+            return Err(InvalidEvent::new(
+                DeadLetterReason::AmbiguousQueryEvent,
+                "query event has both `label` and `action`; send one event per signal",
+            ))
+        }
+        (None, None) => {
+            return Err(InvalidEvent::new(
+                DeadLetterReason::AmbiguousQueryEvent,
+                "query event has neither `label` nor `action`",
+            ))
+        }
+    };
+    Ok(QueryEvent { query, locale, product_id, signal })
+}
+
+fn parse_object(payload: &[u8], limits: &ValidationLimits) -> Result<Map<String, Value>, InvalidEvent> {
+    if payload.len() > limits.max_event_bytes {
+        return Err(InvalidEvent::new(
+            DeadLetterReason::OversizeEvent,
+            format!("payload is {} bytes, limit is {}", payload.len(), limits.max_event_bytes),
+        ));
+    }
+    if payload.is_empty() {
+        return Err(InvalidEvent::new(DeadLetterReason::EmptyPayload, "payload is empty"));
+    }
+    let value: Value = serde_json::from_slice(payload)
+        .map_err(|error| InvalidEvent::new(DeadLetterReason::InvalidJson, error.to_string()))?;
+    match value {
+        Value::Object(object) => Ok(object),
+        other => Err(InvalidEvent::new(
+            DeadLetterReason::NotAnObject,
+            format!("payload is a JSON {}, expected an object", json_type_name(&other)),
+        )),
+    }
+}
+
+fn check_schema_version(object: &Map<String, Value>) -> Result<(), InvalidEvent> {
+    let Some(value) = object.get("schema_version").filter(|value| !value.is_null()) else {
+        return Err(InvalidEvent::new(DeadLetterReason::MissingField, "field `schema_version` is required"));
+    };
+    let Some(version) = value.as_u64() else {
+        return Err(InvalidEvent::new(
+            DeadLetterReason::WrongType,
+            format!("field `schema_version` must be a non-negative integer, got {}", json_type_name(value)),
+        ));
+    };
+    if version != SCHEMA_VERSION {
+        return Err(InvalidEvent::new(
+            DeadLetterReason::UnsupportedSchemaVersion,
+            format!("schema_version {version} is not supported (this build reads {SCHEMA_VERSION})"),
+        ));
+    }
+    Ok(())
+}
+
+fn decode_product_content(object: &Map<String, Value>, limits: &ValidationLimits) -> Result<ProductContent, InvalidEvent> {
+    let title = required_string(object, "title")?;
+    if title.trim().is_empty() {
+        return Err(InvalidEvent::new(DeadLetterReason::InvalidValue, "field `title` is blank"));
+    }
+    check_length("title", &title, limits.max_title_bytes)?;
+    let locale = optional_locale(object)?;
+    let bounded_text = |field: &str| -> Result<Option<String>, InvalidEvent> {
+        let value = optional_string(object, field)?;
+        if let Some(text) = &value {
+            check_length(field, text, limits.max_text_field_bytes)?;
+        }
+        Ok(value)
+    };
+    let description = bounded_text("description")?;
+    let brand = bounded_text("brand")?;
+    let color = bounded_text("color")?;
+    let category = bounded_text("category")?;
+    let bullet_points = match object.get("bullet_points") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => {
+            if items.len() > limits.max_list_items {
+                return Err(InvalidEvent::new(
+                    DeadLetterReason::OversizeField,
+                    format!("field `bullet_points` has {} items, limit is {}", items.len(), limits.max_list_items),
+                ));
+            }
+            let mut bullet_points = Vec::with_capacity(items.len());
+            for (index, item) in items.iter().enumerate() {
+                let Value::String(text) = item else {
+                    return Err(InvalidEvent::new(
+                        DeadLetterReason::WrongType,
+                        format!("field `bullet_points[{index}]` must be a string, got {}", json_type_name(item)),
+                    ));
+                };
+                check_length("bullet_points[]", text, limits.max_text_field_bytes)?;
+                bullet_points.push(text.clone());
+            }
+            bullet_points
+        }
+        Some(other) => {
+            return Err(InvalidEvent::new(
+                DeadLetterReason::WrongType,
+                format!("field `bullet_points` must be an array of strings, got {}", json_type_name(other)),
+            ))
+        }
+    };
+    let attributes = match object.get("attributes") {
+        None | Some(Value::Null) => BTreeMap::new(),
+        Some(Value::Object(entries)) => {
+            if entries.len() > limits.max_list_items {
+                return Err(InvalidEvent::new(
+                    DeadLetterReason::OversizeField,
+                    format!("field `attributes` has {} entries, limit is {}", entries.len(), limits.max_list_items),
+                ));
+            }
+            let mut attributes = BTreeMap::new();
+            for (name, value) in entries {
+                let Value::String(text) = value else {
+                    return Err(InvalidEvent::new(
+                        DeadLetterReason::WrongType,
+                        format!("attribute `{name}` must be a string, got {}", json_type_name(value)),
+                    ));
+                };
+                check_length("attributes{}", name, limits.max_text_field_bytes)?;
+                check_length("attributes{}", text, limits.max_text_field_bytes)?;
+                attributes.insert(name.clone(), text.clone());
+            }
+            attributes
+        }
+        Some(other) => {
+            return Err(InvalidEvent::new(
+                DeadLetterReason::WrongType,
+                format!("field `attributes` must be an object of strings, got {}", json_type_name(other)),
+            ))
+        }
+    };
+    Ok(ProductContent { locale, title, description, bullet_points, brand, color, category, attributes })
+}
+
+fn required_string(object: &Map<String, Value>, field: &str) -> Result<String, InvalidEvent> {
+    optional_string(object, field)?
+        .ok_or_else(|| InvalidEvent::new(DeadLetterReason::MissingField, format!("field `{field}` is required")))
+}
+
+fn optional_string(object: &Map<String, Value>, field: &str) -> Result<Option<String>, InvalidEvent> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text.clone())),
+        Some(other) => Err(InvalidEvent::new(
+            DeadLetterReason::WrongType,
+            format!("field `{field}` must be a string, got {}", json_type_name(other)),
+        )),
+    }
+}
+
+fn optional_locale(object: &Map<String, Value>) -> Result<Option<String>, InvalidEvent> {
+    let Some(locale) = optional_string(object, "locale")? else {
+        return Ok(None);
+    };
+    let well_formed = (2..=16).contains(&locale.len())
+        && locale.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_');
+    if !well_formed {
+        return Err(InvalidEvent::new(
+            DeadLetterReason::InvalidValue,
+            format!("field `locale` {locale:?} must be 2-16 ASCII letters, digits, '-' or '_'"),
+        ));
+    }
+    Ok(Some(locale.to_ascii_lowercase()))
+}
+
+fn check_length(field: &str, text: &str, limit: usize) -> Result<(), InvalidEvent> {
+    if text.len() <= limit {
+        return Ok(());
+    }
+    Err(InvalidEvent::new(
+        DeadLetterReason::OversizeField,
+        format!("field `{field}` is {} bytes, limit is {limit}", text.len()),
+    ))
+}
+
+/// Product ids are 1..=`max_product_id_bytes` bytes of printable ASCII without spaces, so they
+/// can be Kafka keys, RocksDB key parts and log fields without escaping.
+fn validate_product_id(product_id: &str, limits: &ValidationLimits) -> Result<(), InvalidEvent> {
+    if product_id.is_empty() {
+        return Err(InvalidEvent::new(DeadLetterReason::InvalidValue, "field `product_id` is empty"));
+    }
+    if product_id.len() > limits.max_product_id_bytes {
+        return Err(InvalidEvent::new(
+            DeadLetterReason::OversizeField,
+            format!("field `product_id` is {} bytes, limit is {}", product_id.len(), limits.max_product_id_bytes),
+        ));
+    }
+    if let Some(bad) = product_id.chars().find(|character| !character.is_ascii_graphic()) {
+        return Err(InvalidEvent::new(
+            DeadLetterReason::InvalidValue,
+            format!("field `product_id` contains {bad:?}; only printable ASCII without spaces is allowed"),
+        ));
+    }
+    Ok(())
+}
+
+fn json_type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// Encodes a product upsert as the JSON the `products` topic carries (used by `produce`, the
+/// synthetic catalog and tests).
+pub fn encode_product_upsert(product_id: &str, content: &ProductContent) -> Vec<u8> {
+    let mut object = match serde_json::to_value(content) {
+        Ok(Value::Object(object)) => object,
+        _ => unreachable!("ProductContent always serialises to an object"),
+    };
+    object.insert("schema_version".into(), Value::from(SCHEMA_VERSION));
+    object.insert("op".into(), Value::from("upsert"));
+    object.insert("product_id".into(), Value::from(product_id));
+    serde_json::to_vec(&object).expect("a JSON map serialises")
+}
+
+/// Encodes an explicit product delete for the `products` topic.
+pub fn encode_product_delete(product_id: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "schema_version": SCHEMA_VERSION, "op": "delete", "product_id": product_id,
+    }))
+    .expect("a JSON map serialises")
+}
+
+/// Encodes a query event (judgement or interaction) for the `query-events` topic.
+pub fn encode_query_event(query: &str, locale: Option<&str>, product_id: &str, signal: QuerySignal) -> Vec<u8> {
+    let mut object = serde_json::json!({
+        "schema_version": SCHEMA_VERSION, "query": query, "product_id": product_id,
+    });
+    if let Some(locale) = locale {
+        object["locale"] = Value::from(locale);
+    }
+    match signal {
+        QuerySignal::Judgement(level) => object["label"] = Value::from(level.label()),
+        QuerySignal::Interaction(action) => object["action"] = Value::from(action.name()),
+    }
+    serde_json::to_vec(&object).expect("a JSON map serialises")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> ValidationLimits {
+        ValidationLimits::default()
+    }
+
+    #[test]
+    fn product_upsert_round_trips_through_the_wire_format() {
+        let content = ProductContent {
+            locale: Some("us".into()),
+            title: "Cast iron pan".into(),
+            description: Some("<b>Heavy</b> pan".into()),
+            bullet_points: vec!["oven safe".into(), "12 inch".into()],
+            brand: Some("Lodge".into()),
+            color: None,
+            category: Some("Kitchen > Pans".into()),
+            attributes: BTreeMap::from([("size".into(), "12in".into())]),
+        };
+        let bytes = encode_product_upsert("P1", &content);
+        let decoded = decode_product_event(Some(b"P1"), Some(&bytes), &limits()).unwrap();
+        assert_eq!(decoded, ProductEvent::Upsert { product_id: "P1".into(), content });
+    }
+
+    #[test]
+    fn tombstone_and_explicit_delete_both_delete() {
+        let tombstone = decode_product_event(Some(b"P9"), None, &limits()).unwrap();
+        assert_eq!(tombstone, ProductEvent::Delete { product_id: "P9".into() });
+        let explicit = decode_product_event(None, Some(&encode_product_delete("P9")), &limits()).unwrap();
+        assert_eq!(explicit, tombstone);
+    }
+
+    #[test]
+    fn each_malformation_has_its_own_reason() {
+        let cases: Vec<(&[u8], DeadLetterReason)> = vec![
+            (b"{not json", DeadLetterReason::InvalidJson),
+            (b"[1,2]", DeadLetterReason::NotAnObject),
+            (br#"{"product_id":"P1","title":"t"}"#, DeadLetterReason::MissingField),
+            (br#"{"schema_version":2,"product_id":"P1","title":"t"}"#, DeadLetterReason::UnsupportedSchemaVersion),
+            (br#"{"schema_version":"1","product_id":"P1","title":"t"}"#, DeadLetterReason::WrongType),
+            (br#"{"schema_version":1,"product_id":7,"title":"t"}"#, DeadLetterReason::WrongType),
+            (br#"{"schema_version":1,"product_id":"P1"}"#, DeadLetterReason::MissingField),
+            (br#"{"schema_version":1,"product_id":"P 1","title":"t"}"#, DeadLetterReason::InvalidValue),
+            (br#"{"schema_version":1,"product_id":"P1","title":"t","op":"merge"}"#, DeadLetterReason::UnknownOperation),
+            (br#"{"schema_version":1,"product_id":"P1","title":"t","bullet_points":"x"}"#, DeadLetterReason::WrongType),
+        ];
+        for (payload, expected) in cases {
+            let error = decode_product_event(None, Some(payload), &limits()).unwrap_err();
+            assert_eq!(error.reason, expected, "payload {}", String::from_utf8_lossy(payload));
+        }
+    }
+
+    #[test]
+    fn oversize_fields_and_events_are_rejected() {
+        let small = ValidationLimits { max_event_bytes: 200, max_title_bytes: 10, ..limits() };
+        let long_title = br#"{"schema_version":1,"product_id":"P1","title":"a title that is too long"}"#;
+        assert_eq!(decode_product_event(None, Some(long_title), &small).unwrap_err().reason, DeadLetterReason::OversizeField);
+        let huge = format!(r#"{{"schema_version":1,"product_id":"P1","title":"t","description":"{}"}}"#, "x".repeat(300));
+        assert_eq!(decode_product_event(None, Some(huge.as_bytes()), &small).unwrap_err().reason, DeadLetterReason::OversizeEvent);
+    }
+
+    #[test]
+    fn key_must_match_product_id() {
+        let payload = br#"{"schema_version":1,"product_id":"P1","title":"t"}"#;
+        let error = decode_product_event(Some(b"P2"), Some(payload), &limits()).unwrap_err();
+        assert_eq!(error.reason, DeadLetterReason::KeyMismatch);
+    }
+
+    #[test]
+    fn query_events_decode_labels_and_actions() {
+        let judgement = decode_query_event(Some(br#"{"schema_version":1,"query":"  Red  Shoes ","product_id":"P1","label":"S","locale":"US"}"#), &limits()).unwrap();
+        assert_eq!(judgement.query, "red shoes");
+        assert_eq!(judgement.locale.as_deref(), Some("us"));
+        assert_eq!(judgement.signal, QuerySignal::Judgement(RelevanceLevel::Substitute));
+        let click = decode_query_event(Some(br#"{"schema_version":1,"query":"q","product_id":"P1","action":"add_to_cart"}"#), &limits()).unwrap();
+        assert_eq!(click.signal, QuerySignal::Interaction(InteractionAction::AddToCart));
+    }
+
+    #[test]
+    fn query_event_errors_are_classified() {
+        let cases: Vec<(&[u8], DeadLetterReason)> = vec![
+            (br#"{"schema_version":1,"query":"q","product_id":"P1","label":"X"}"#, DeadLetterReason::UnknownLabel),
+            (br#"{"schema_version":1,"query":"q","product_id":"P1","action":"hover"}"#, DeadLetterReason::UnknownAction),
+            (br#"{"schema_version":1,"query":"q","product_id":"P1","label":"E","action":"click"}"#, DeadLetterReason::AmbiguousQueryEvent),
+            (br#"{"schema_version":1,"query":"q","product_id":"P1"}"#, DeadLetterReason::AmbiguousQueryEvent),
+            (br#"{"schema_version":1,"query":"   ","product_id":"P1","label":"E"}"#, DeadLetterReason::InvalidValue),
+            (br#"{"schema_version":1,"product_id":"P1","label":"E"}"#, DeadLetterReason::MissingField),
+            (b"", DeadLetterReason::EmptyPayload),
+        ];
+        for (payload, expected) in cases {
+            let error = decode_query_event(Some(payload), &limits()).unwrap_err();
+            assert_eq!(error.reason, expected, "payload {}", String::from_utf8_lossy(payload));
+        }
+    }
+
+    #[test]
+    fn default_mapping_grades_the_purchase_funnel() {
+        let mapping = RelevanceMapping::default();
+        assert_eq!(mapping.level_of(InteractionAction::Impression), None);
+        assert_eq!(mapping.level_of(InteractionAction::Click), Some(RelevanceLevel::Complement));
+        assert_eq!(mapping.level_of(InteractionAction::AddToCart), Some(RelevanceLevel::Substitute));
+        assert_eq!(mapping.level_of(InteractionAction::Purchase), Some(RelevanceLevel::Exact));
+        let parsed: RelevanceMapping =
+            toml::from_str("impression = \"I\"\nclick = \"none\"\nadd_to_cart = \"E\"\npurchase = \"E\"").unwrap();
+        assert_eq!(parsed.level_of(InteractionAction::Impression), Some(RelevanceLevel::Irrelevant));
+        assert_eq!(parsed.level_of(InteractionAction::Click), None);
+    }
+
+    #[test]
+    fn relevance_levels_are_ordered() {
+        assert!(RelevanceLevel::Exact > RelevanceLevel::Substitute);
+        assert!(RelevanceLevel::Substitute > RelevanceLevel::Complement);
+        assert!(RelevanceLevel::Complement > RelevanceLevel::Irrelevant);
+        for reason in DeadLetterReason::ALL {
+            assert_eq!(DeadLetterReason::from_name(reason.as_str()), Some(reason));
+        }
+    }
+}

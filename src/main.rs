@@ -1,0 +1,14 @@
+//! The `merge-indexer` binary: parses the command line and runs it on a Tokio runtime.
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,librdkafka=warn")))
+        .with_target(false)
+        .init();
+    let cli = merge_indexer::cli::Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(merge_indexer::cli::execute(cli))
+}

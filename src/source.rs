@@ -1,0 +1,505 @@
+//! The Kafka source: a consumer-group member that reads `products` and `query-events` in
+//! size- and time-bounded micro-batches, sends invalid events to `dead-letters`, and applies
+//! each batch to state in one RocksDB write that also stores the next offset per partition.
+//!
+//! Exactly-once rests on three rules:
+//! 1. On assignment the consumer starts every partition at the offset stored in state (or the
+//!    beginning when none is stored); Kafka's committed offsets are never used for positioning.
+//! 2. A record whose offset is below its partition's stored next offset is a duplicate and
+//!    skipped, both before dead-lettering and inside the state write.
+//! 3. A batch is applied only after all its dead letters are acknowledged by Kafka.
+//!
+//! Offsets are also committed to Kafka asynchronously after each batch, only so that standard
+//! lag tools (`kafka-consumer-groups`, Burrow) see the group's progress.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::events::{decode_product_event, decode_query_event, InvalidEvent};
+use crate::kafka::{base_client_config, reliable_producer};
+use crate::metrics as names;
+use crate::state::{ApplyOutcome, DecodedRecord, SourcePosition, SourcedRecord, StateStore};
+
+/// A (topic, partition) pair.
+pub type TopicPartition = (String, i32);
+
+/// Consumer context: positions partitions from state on assignment and tracks what this
+/// member owns, so an open batch can drop events of revoked partitions.
+pub struct IngestContext {
+    state: Arc<StateStore>,
+    assigned: Mutex<BTreeSet<TopicPartition>>,
+    rebalance_generation: AtomicU64,
+}
+
+impl IngestContext {
+    fn new(state: Arc<StateStore>) -> Self {
+        Self { state, assigned: Mutex::new(BTreeSet::new()), rebalance_generation: AtomicU64::new(0) }
+    }
+
+    /// The partitions currently assigned to this member.
+    pub fn assigned_partitions(&self) -> BTreeSet<TopicPartition> {
+        self.assigned.lock().expect("assignment lock").clone()
+    }
+
+    /// Incremented on every assignment change.
+    pub fn rebalance_generation(&self) -> u64 {
+        self.rebalance_generation.load(Ordering::SeqCst)
+    }
+
+    fn position_from_state(&self, partitions: &mut TopicPartitionList) {
+        for (topic, partition) in partition_pairs(partitions) {
+            let offset = match self.state.next_offset(&topic, partition) {
+                Ok(Some(next)) => Offset::Offset(next),
+                Ok(None) => Offset::Beginning,
+                Err(error) => {
+                    // Kafka's committed offset is never ahead of state (it is committed after
+                    // the state write), so falling back to it can only cause duplicates, which
+                    // the offset check in state skips.
+                    tracing::error!(%topic, partition, %error, "reading stored offset failed; using the committed offset");
+                    Offset::Stored
+                }
+            };
+            tracing::info!(%topic, partition, ?offset, "partition assigned");
+            if let Err(error) = partitions.set_partition_offset(&topic, partition, offset) {
+                tracing::error!(%topic, partition, %error, "setting the start offset failed");
+            }
+        }
+    }
+}
+
+fn partition_pairs(partitions: &TopicPartitionList) -> Vec<TopicPartition> {
+    partitions.elements().iter().map(|element| (element.topic().to_owned(), element.partition())).collect()
+}
+
+impl ClientContext for IngestContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "kafka client error");
+    }
+}
+
+impl ConsumerContext for IngestContext {
+    fn rebalance(&self, base_consumer: &BaseConsumer<Self>, error: RDKafkaRespErr, partitions: &mut TopicPartitionList) {
+        let cooperative = matches!(base_consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let pairs = partition_pairs(partitions);
+        let result = match error {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                metrics::counter!(names::REBALANCES_TOTAL, "kind" => "assign").increment(1);
+                self.position_from_state(partitions);
+                self.assigned.lock().expect("assignment lock").extend(pairs);
+                if cooperative {
+                    base_consumer.incremental_assign(partitions)
+                } else {
+                    base_consumer.assign(partitions)
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                metrics::counter!(names::REBALANCES_TOTAL, "kind" => "revoke").increment(1);
+                let mut assigned = self.assigned.lock().expect("assignment lock");
+                for pair in &pairs {
+                    tracing::info!(topic = %pair.0, partition = pair.1, "partition revoked");
+                    assigned.remove(pair);
+                }
+                drop(assigned);
+                if cooperative {
+                    base_consumer.incremental_unassign(partitions)
+                } else {
+                    base_consumer.unassign()
+                }
+            }
+            other => {
+                metrics::counter!(names::REBALANCES_TOTAL, "kind" => "error").increment(1);
+                tracing::error!(error = ?other, "rebalance error; dropping the assignment");
+                self.assigned.lock().expect("assignment lock").clear();
+                base_consumer.unassign()
+            }
+        };
+        self.rebalance_generation.fetch_add(1, Ordering::SeqCst);
+        if let Err(error) = result {
+            tracing::error!(%error, "applying the rebalance failed");
+        }
+    }
+}
+
+/// Lag of one partition: high watermark minus the next offset stored in state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PartitionLag {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Offset the next produced message will get.
+    pub high_watermark: i64,
+    /// Next offset to apply (the low watermark when nothing was applied yet).
+    pub next_offset: i64,
+    /// `high_watermark - next_offset`, at least 0.
+    pub lag: i64,
+}
+
+/// How [`Indexer::run`] should end.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Return once every assigned partition has lag 0 and no event arrived for one batch window.
+    pub stop_when_caught_up: bool,
+    /// Return after this many applied batches, without any final commit (crash tests).
+    pub max_batches: Option<u64>,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RunSummary {
+    /// Batches applied.
+    pub batches: u64,
+    /// Records by outcome.
+    pub outcomes: BTreeMap<&'static str, u64>,
+    /// Events dropped from open batches because their partition was revoked.
+    pub revoked_events_dropped: u64,
+    /// Wall time of the run.
+    pub elapsed_seconds: f64,
+    /// Time from the first event received to the end of the last applied batch (excludes the
+    /// group join and the idle wait before the first event): the denominator of throughput.
+    pub active_seconds: f64,
+    #[serde(skip)]
+    first_event_received: Option<Instant>,
+}
+
+impl RunSummary {
+    /// Records consumed, duplicates included.
+    pub fn records(&self) -> u64 {
+        self.outcomes.values().sum()
+    }
+}
+
+/// The streaming indexer: one consumer-group member writing one state directory.
+pub struct Indexer {
+    consumer: Arc<StreamConsumer<IngestContext>>,
+    dead_letter_producer: FutureProducer,
+    state: Arc<StateStore>,
+    config: Arc<Config>,
+}
+
+impl Indexer {
+    /// Connects to `bootstrap_servers` and subscribes to the `products` and `query-events` topics.
+    pub fn connect(config: Arc<Config>, state: Arc<StateStore>, bootstrap_servers: &str) -> anyhow::Result<Self> {
+        let mut client_config = base_client_config(&config.kafka, bootstrap_servers)?;
+        client_config
+            .set("group.id", &config.kafka.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("isolation.level", "read_committed");
+        // Pass-through properties win over our defaults, except the three exactly-once needs.
+        for (property, value) in config.kafka.resolved_properties()? {
+            if matches!(property.as_str(), "enable.auto.commit" | "enable.auto.offset.store" | "group.id") {
+                tracing::warn!(%property, %value, "ignoring pass-through property the exactly-once design owns");
+                continue;
+            }
+            client_config.set(property, value);
+        }
+        let context = IngestContext::new(Arc::clone(&state));
+        let consumer: StreamConsumer<IngestContext> =
+            client_config.create_with_context(context).context("creating Kafka consumer")?;
+        let topics = [config.kafka.topics.products.as_str(), config.kafka.topics.query_events.as_str()];
+        consumer.subscribe(&topics).context("subscribing")?;
+        let dead_letter_producer = reliable_producer(&config.kafka, bootstrap_servers)?;
+        tracing::info!(bootstrap_servers, group_id = %config.kafka.group_id, ?topics, "indexer connected");
+        Ok(Self { consumer: Arc::new(consumer), dead_letter_producer, state, config })
+    }
+
+    /// The state this indexer writes.
+    pub fn state(&self) -> &Arc<StateStore> {
+        &self.state
+    }
+
+    /// Partitions currently assigned to this member.
+    pub fn assigned_partitions(&self) -> BTreeSet<TopicPartition> {
+        self.consumer.context().assigned_partitions()
+    }
+
+    /// Lag of every assigned partition (blocking: asks the brokers for watermarks).
+    pub fn partition_lags(&self) -> anyhow::Result<Vec<PartitionLag>> {
+        partition_lags(&self.consumer, &self.state)
+    }
+
+    /// Consumes and applies batches until `shutdown` turns true or `options` say to stop.
+    pub async fn run(&self, mut shutdown: watch::Receiver<bool>, options: RunOptions) -> anyhow::Result<RunSummary> {
+        let started = Instant::now();
+        let mut summary = RunSummary::default();
+        let lag_task = self.spawn_lag_refresher(shutdown.clone());
+        let result = loop {
+            if *shutdown.borrow() {
+                break Ok(());
+            }
+            let (messages, first_received) = tokio::select! {
+                batch = self.collect_batch() => batch,
+                _ = shutdown.changed() => break Ok(()),
+            };
+            if summary.first_event_received.is_none() {
+                summary.first_event_received = first_received;
+            }
+            if messages.is_empty() {
+                if options.stop_when_caught_up && self.is_caught_up().await? {
+                    break Ok(());
+                }
+                continue;
+            }
+            if let Err(error) = self.process_batch(messages, &mut summary, &mut shutdown).await {
+                break Err(error);
+            }
+            if let Some(first) = summary.first_event_received {
+                summary.active_seconds = first.elapsed().as_secs_f64();
+            }
+            if options.max_batches.is_some_and(|limit| summary.batches >= limit) {
+                break Ok(());
+            }
+        };
+        lag_task.abort();
+        summary.elapsed_seconds = started.elapsed().as_secs_f64();
+        result.map(|()| summary)
+    }
+
+    /// Collects up to `max_events` messages, closing the batch `max_wait_ms` after the first.
+    /// Returns an empty batch when nothing arrives within one window, and when the first
+    /// message was received.
+    async fn collect_batch(&self) -> (Vec<OwnedMessage>, Option<Instant>) {
+        let window = Duration::from_millis(self.config.batch.max_wait_ms.max(1));
+        let mut messages = Vec::new();
+        let mut first_received = None;
+        let mut deadline = tokio::time::Instant::now() + window;
+        while messages.len() < self.config.batch.max_events {
+            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Err(_elapsed) => break,
+                Ok(Ok(message)) => {
+                    if first_received.is_none() {
+                        // The window is measured from the first event, not from the poll.
+                        first_received = Some(Instant::now());
+                        deadline = tokio::time::Instant::now() + window;
+                    }
+                    messages.push(message.detach());
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "consume error; continuing");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        (messages, first_received)
+    }
+
+    async fn process_batch(
+        &self,
+        messages: Vec<OwnedMessage>,
+        summary: &mut RunSummary,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let assigned = self.consumer.context().assigned_partitions();
+        let mut stored_next: HashMap<TopicPartition, Option<i64>> = HashMap::new();
+        let mut records = Vec::with_capacity(messages.len());
+        let mut dead_letters = Vec::new();
+        for message in &messages {
+            let partition_key = (message.topic().to_owned(), message.partition());
+            if !assigned.contains(&partition_key) {
+                summary.revoked_events_dropped += 1;
+                metrics::counter!(names::REVOKED_EVENTS_DROPPED_TOTAL).increment(1);
+                continue;
+            }
+            let next = match stored_next.get(&partition_key) {
+                Some(next) => *next,
+                None => {
+                    let next = self.state.next_offset(&partition_key.0, partition_key.1)?;
+                    stored_next.insert(partition_key.clone(), next);
+                    next
+                }
+            };
+            let position = SourcePosition { topic: partition_key.0, partition: partition_key.1, offset: message.offset() };
+            if next.is_some_and(|next| message.offset() < next) {
+                // Redelivered after a crash or rebalance: already applied, and already
+                // dead-lettered if it was invalid.
+                record_outcome(summary, &position.topic, ApplyOutcome::Duplicate);
+                continue;
+            }
+            match self.decode(message) {
+                Ok(record) => records.push(SourcedRecord { position, record }),
+                Err(invalid) => {
+                    records.push(SourcedRecord { position, record: DecodedRecord::DeadLetter(invalid.reason) });
+                    dead_letters.push((message, invalid));
+                }
+            }
+        }
+        self.deliver_dead_letters(&dead_letters, shutdown).await?;
+        let state = Arc::clone(&self.state);
+        let mapping = self.config.relevance.clone();
+        let batch_records = records.clone();
+        let report = tokio::task::spawn_blocking(move || state.apply_batch(&batch_records, &mapping))
+            .await
+            .context("state writer task panicked")??;
+        for (record, outcome) in records.iter().zip(&report.outcomes) {
+            record_outcome(summary, &record.position.topic, *outcome);
+            if let (ApplyOutcome::DeadLettered, DecodedRecord::DeadLetter(reason)) = (outcome, &record.record) {
+                metrics::counter!(names::DEAD_LETTERS_TOTAL, "topic" => record.position.topic.clone(), "reason" => reason.as_str()).increment(1);
+            }
+        }
+        summary.batches += 1;
+        metrics::counter!(names::ROCKSDB_WRITE_BYTES_TOTAL).increment(report.write_bytes as u64);
+        metrics::histogram!(names::BATCH_EVENTS).record(records.len() as f64);
+        metrics::histogram!(names::BATCH_APPLY_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
+        let counts = self.state.counts()?;
+        metrics::gauge!(names::STATE_PRODUCTS).set(counts.products as f64);
+        metrics::gauge!(names::STATE_JUDGEMENT_PAIRS).set(counts.judgement_pairs as f64);
+        tracing::debug!(events = records.len(), write_bytes = report.write_bytes, dead_letters = dead_letters.len(), "batch applied");
+        self.commit_to_kafka(&report.next_offsets);
+        Ok(())
+    }
+
+    fn decode(&self, message: &OwnedMessage) -> Result<DecodedRecord, InvalidEvent> {
+        let topics = &self.config.kafka.topics;
+        let limits = &self.config.validation;
+        if message.topic() == topics.products {
+            return decode_product_event(message.key(), message.payload(), limits).map(DecodedRecord::Product);
+        }
+        debug_assert_eq!(message.topic(), topics.query_events, "only two topics are subscribed");
+        decode_query_event(message.payload(), limits).map(DecodedRecord::Query)
+    }
+
+    /// Sends every dead letter and waits for all acknowledgements; retries failed ones with
+    /// back-off until they are delivered or shutdown is requested (then the batch is not applied
+    /// and will be consumed again).
+    async fn deliver_dead_letters(
+        &self,
+        dead_letters: &[(&OwnedMessage, InvalidEvent)],
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let mut pending: Vec<usize> = (0..dead_letters.len()).collect();
+        let mut backoff = Duration::from_millis(100);
+        while !pending.is_empty() {
+            let sends = pending.iter().map(|&index| {
+                let (message, invalid) = &dead_letters[index];
+                self.send_dead_letter(message, invalid)
+            });
+            let results = futures::future::join_all(sends).await;
+            let mut still_pending = Vec::new();
+            for (&index, result) in pending.iter().zip(results) {
+                if let Err(error) = result {
+                    metrics::counter!(names::DEAD_LETTER_DELIVERY_FAILURES_TOTAL).increment(1);
+                    tracing::warn!(%error, "dead letter delivery failed; retrying");
+                    still_pending.push(index);
+                }
+            }
+            pending = still_pending;
+            if pending.is_empty() {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.changed() => anyhow::bail!("shutdown while dead letters were undelivered; the batch will be consumed again"),
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+        Ok(())
+    }
+
+    async fn send_dead_letter(&self, message: &OwnedMessage, invalid: &InvalidEvent) -> Result<(), KafkaError> {
+        let partition = message.partition().to_string();
+        let offset = message.offset().to_string();
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis()).unwrap_or(0).to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "reason", value: Some(invalid.reason.as_str()) })
+            .insert(Header { key: "detail", value: Some(invalid.detail.as_str()) })
+            .insert(Header { key: "source_topic", value: Some(message.topic()) })
+            .insert(Header { key: "source_partition", value: Some(partition.as_str()) })
+            .insert(Header { key: "source_offset", value: Some(offset.as_str()) })
+            .insert(Header { key: "dead_lettered_at_ms", value: Some(now_ms.as_str()) })
+            .insert(Header { key: "indexer_group_id", value: Some(self.config.kafka.group_id.as_str()) });
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&self.config.kafka.topics.dead_letters).headers(headers);
+        if let Some(key) = message.key() {
+            record = record.key(key);
+        }
+        if let Some(payload) = message.payload() {
+            record = record.payload(payload);
+        }
+        self.dead_letter_producer.send(record, Duration::from_secs(30)).await.map(|_| ()).map_err(|(error, _)| error)
+    }
+
+    fn commit_to_kafka(&self, next_offsets: &BTreeMap<TopicPartition, i64>) {
+        if next_offsets.is_empty() {
+            return;
+        }
+        let mut partitions = TopicPartitionList::new();
+        for ((topic, partition), next) in next_offsets {
+            if let Err(error) = partitions.add_partition_offset(topic, *partition, Offset::Offset(*next)) {
+                tracing::warn!(%topic, partition, %error, "building the commit list failed");
+            }
+        }
+        if let Err(error) = self.consumer.commit(&partitions, CommitMode::Async) {
+            metrics::counter!(names::KAFKA_COMMIT_FAILURES_TOTAL).increment(1);
+            tracing::debug!(%error, "async offset commit failed (informational only)");
+        }
+    }
+
+    async fn is_caught_up(&self) -> anyhow::Result<bool> {
+        if self.assigned_partitions().is_empty() {
+            return Ok(false);
+        }
+        let consumer = Arc::clone(&self.consumer);
+        let state = Arc::clone(&self.state);
+        let lags = tokio::task::spawn_blocking(move || partition_lags(&consumer, &state)).await??;
+        Ok(lags.iter().all(|lag| lag.lag == 0))
+    }
+
+    fn spawn_lag_refresher(&self, mut shutdown: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+        let consumer = Arc::clone(&self.consumer);
+        let state = Arc::clone(&self.state);
+        let interval = Duration::from_millis(self.config.kafka.lag_refresh_interval_ms.max(100));
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = shutdown.changed() => return,
+                }
+                let consumer = Arc::clone(&consumer);
+                let state = Arc::clone(&state);
+                match tokio::task::spawn_blocking(move || partition_lags(&consumer, &state)).await {
+                    Ok(Ok(lags)) => {
+                        for lag in lags {
+                            metrics::gauge!(names::CONSUMER_LAG_MESSAGES, "topic" => lag.topic, "partition" => lag.partition.to_string())
+                                .set(lag.lag as f64);
+                        }
+                    }
+                    Ok(Err(error)) => tracing::warn!(%error, "refreshing consumer lag failed"),
+                    Err(error) => tracing::warn!(%error, "lag task failed"),
+                }
+            }
+        })
+    }
+}
+
+fn record_outcome(summary: &mut RunSummary, topic: &str, outcome: ApplyOutcome) {
+    metrics::counter!(names::EVENTS_TOTAL, "topic" => topic.to_owned(), "outcome" => outcome.as_str()).increment(1);
+    *summary.outcomes.entry(outcome.as_str()).or_insert(0) += 1;
+}
+
+fn partition_lags(consumer: &StreamConsumer<IngestContext>, state: &StateStore) -> anyhow::Result<Vec<PartitionLag>> {
+    let mut lags = Vec::new();
+    for (topic, partition) in consumer.context().assigned_partitions() {
+        let (low_watermark, high_watermark) = consumer
+            .fetch_watermarks(&topic, partition, Duration::from_secs(5))
+            .with_context(|| format!("fetching watermarks of {topic}/{partition}"))?;
+        let next_offset = state.next_offset(&topic, partition)?.unwrap_or(low_watermark).max(low_watermark);
+        lags.push(PartitionLag { topic, partition, high_watermark, next_offset, lag: (high_watermark - next_offset).max(0) });
+    }
+    Ok(lags)
+}

@@ -1,0 +1,789 @@
+//! RocksDB state: products, aggregated judgements, consumer offsets and counters, written
+//! together in one `WriteBatch` per micro-batch so a crash neither loses nor double-applies an
+//! event. Only this module touches RocksDB. The on-disk layout is documented in
+//! `state/README.md`; keep the two in step.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::events::{DeadLetterReason, ProductContent, ProductEvent, QueryEvent, QuerySignal, RelevanceLevel, RelevanceMapping};
+
+/// Column family of products: `product_id` → JSON [`StoredProduct`].
+pub const PRODUCTS_CF: &str = "products";
+/// Column family of judgement aggregates: [`judgement_key`] → [`JudgementAggregate::encode`].
+pub const JUDGEMENTS_CF: &str = "judgements";
+/// Column family of consumer offsets: [`offset_key`] → next offset to consume, `i64` big-endian.
+pub const OFFSETS_CF: &str = "offsets";
+/// Column family of counters and format markers: UTF-8 name → `i64` little-endian.
+pub const META_CF: &str = "meta";
+/// Reserved for DocID assignment: `product_id` → 4 code bytes.
+pub const DOCIDS_CF: &str = "docids";
+/// Reserved for DocID assignment: 4 code bytes → `product_id` (the reverse of [`DOCIDS_CF`]).
+pub const DOCID_REVERSE_CF: &str = "docid_reverse";
+
+/// Every column family, in creation order.
+pub const COLUMN_FAMILIES: [&str; 6] = [PRODUCTS_CF, JUDGEMENTS_CF, OFFSETS_CF, META_CF, DOCIDS_CF, DOCID_REVERSE_CF];
+
+/// Version of the on-disk layout, stored under [`FORMAT_VERSION_KEY`] in `meta`.
+pub const FORMAT_VERSION: i64 = 1;
+const FORMAT_VERSION_KEY: &str = "format_version";
+const CLUSTER_ID_KEY: &str = "kafka/cluster_id";
+const CLUSTER_EMBEDDED_KEY: &str = "kafka/cluster_embedded";
+const PRODUCT_COUNT_KEY: &str = "count/products";
+const JUDGEMENT_PAIR_COUNT_KEY: &str = "count/judgement_pairs";
+const DEAD_LETTER_COUNT_PREFIX: &str = "count/dead_letters/";
+const EVENT_COUNT_PREFIX: &str = "count/events/";
+
+/// Errors of the state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// RocksDB reported an error (I/O, corruption, lock held by another process, …).
+    #[error("rocksdb at {path}: {source}")]
+    Rocks {
+        /// The state directory.
+        path: PathBuf,
+        /// RocksDB's error.
+        source: rocksdb::Error,
+    },
+    /// The state directory could not be created.
+    #[error("creating state directory {path}: {source}")]
+    CreateDirectory {
+        /// The state directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A stored value could not be decoded.
+    #[error("corrupt value in column family `{column_family}`: {detail}")]
+    Corrupt {
+        /// Where the value was.
+        column_family: &'static str,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// The directory was written by an incompatible version.
+    #[error("state format version {found} in {path} is not {FORMAT_VERSION}; migrate or use a new state dir")]
+    FormatVersion {
+        /// The state directory.
+        path: PathBuf,
+        /// The version found.
+        found: i64,
+    },
+}
+
+/// Where an event came from: its Kafka coordinates.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SourcePosition {
+    /// Topic name.
+    pub topic: String,
+    /// Partition number.
+    pub partition: i32,
+    /// Offset of the message.
+    pub offset: i64,
+}
+
+/// A product as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredProduct {
+    /// The product's content from its latest upsert.
+    pub content: ProductContent,
+    /// Hex SHA-256 of the canonical JSON of `content`; later stages re-encode only on change.
+    pub content_hash: String,
+    /// The message that last changed the product.
+    pub updated_by: SourcePosition,
+}
+
+/// Everything known about one (locale, query, product) pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct JudgementAggregate {
+    /// Highest relevance level any graded signal gave the pair (`None`: only ungraded actions).
+    pub max_level: Option<RelevanceLevel>,
+    /// Graded signals per level (explicit labels and mapped actions), indexed by [`RelevanceLevel::index`].
+    pub level_counts: [u32; 4],
+    /// Explicit judgements received.
+    pub explicit_judgements: u32,
+    /// Implicit actions received, indexed by [`crate::events::InteractionAction::index`].
+    pub action_counts: [u32; 4],
+}
+
+impl JudgementAggregate {
+    /// Encoded size: one level byte (255 = none) and nine `u32` little-endian counters.
+    pub const ENCODED_BYTES: usize = 1 + 9 * 4;
+
+    /// Folds one signal into the aggregate.
+    pub fn record(&mut self, signal: QuerySignal, mapping: &RelevanceMapping) {
+        let level = match signal {
+            QuerySignal::Judgement(level) => {
+                self.explicit_judgements = self.explicit_judgements.saturating_add(1);
+                Some(level)
+            }
+            QuerySignal::Interaction(action) => {
+                let slot = &mut self.action_counts[action.index()];
+                *slot = slot.saturating_add(1);
+                mapping.level_of(action)
+            }
+        };
+        if let Some(level) = level {
+            let slot = &mut self.level_counts[level.index()];
+            *slot = slot.saturating_add(1);
+            self.max_level = self.max_level.max(Some(level));
+        }
+    }
+
+    /// Binary encoding (see `state/README.md`).
+    pub fn encode(&self) -> [u8; Self::ENCODED_BYTES] {
+        let mut bytes = [0u8; Self::ENCODED_BYTES];
+        bytes[0] = self.max_level.map_or(u8::MAX, |level| level as u8);
+        let counters = self.level_counts.iter().chain([&self.explicit_judgements]).chain(self.action_counts.iter());
+        for (index, counter) in counters.enumerate() {
+            bytes[1 + index * 4..5 + index * 4].copy_from_slice(&counter.to_le_bytes());
+        }
+        bytes
+    }
+
+    /// Decodes [`JudgementAggregate::encode`].
+    pub fn decode(bytes: &[u8]) -> Result<Self, StateError> {
+        if bytes.len() != Self::ENCODED_BYTES {
+            return Err(StateError::Corrupt {
+                column_family: JUDGEMENTS_CF,
+                detail: format!("value is {} bytes, expected {}", bytes.len(), Self::ENCODED_BYTES),
+            });
+        }
+        let counter = |index: usize| u32::from_le_bytes(bytes[1 + index * 4..5 + index * 4].try_into().expect("4 bytes"));
+        let max_level = match bytes[0] {
+            u8::MAX => None,
+            level => Some(*RelevanceLevel::ALL.get(level as usize).ok_or_else(|| StateError::Corrupt {
+                column_family: JUDGEMENTS_CF,
+                detail: format!("relevance level byte {level}"),
+            })?),
+        };
+        Ok(Self {
+            max_level,
+            level_counts: [counter(0), counter(1), counter(2), counter(3)],
+            explicit_judgements: counter(4),
+            action_counts: [counter(5), counter(6), counter(7), counter(8)],
+        })
+    }
+}
+
+/// Identifies a judgement pair.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct JudgementKey {
+    /// Locale of the query (`""` when the event gave none).
+    pub locale: String,
+    /// Normalised query text.
+    pub query: String,
+    /// Product id.
+    pub product_id: String,
+}
+
+/// Encodes a judgement key so that all products of one (locale, query) are adjacent:
+/// `u16 BE len(locale) ‖ locale ‖ u16 BE len(query) ‖ query ‖ product_id`.
+pub fn judgement_key(locale: &str, query: &str, product_id: &str) -> Vec<u8> {
+    debug_assert!(locale.len() <= u16::MAX as usize && query.len() <= u16::MAX as usize);
+    let mut key = Vec::with_capacity(4 + locale.len() + query.len() + product_id.len());
+    key.extend_from_slice(&(locale.len() as u16).to_be_bytes());
+    key.extend_from_slice(locale.as_bytes());
+    key.extend_from_slice(&(query.len() as u16).to_be_bytes());
+    key.extend_from_slice(query.as_bytes());
+    key.extend_from_slice(product_id.as_bytes());
+    key
+}
+
+/// Decodes [`judgement_key`].
+pub fn decode_judgement_key(key: &[u8]) -> Result<JudgementKey, StateError> {
+    let corrupt = || StateError::Corrupt { column_family: JUDGEMENTS_CF, detail: format!("key {key:02x?}") };
+    let take_prefixed = |bytes: &[u8]| -> Option<(String, usize)> {
+        let length = u16::from_be_bytes(bytes.get(0..2)?.try_into().ok()?) as usize;
+        let text = std::str::from_utf8(bytes.get(2..2 + length)?).ok()?;
+        Some((text.to_owned(), 2 + length))
+    };
+    let (locale, locale_end) = take_prefixed(key).ok_or_else(corrupt)?;
+    let (query, query_length) = take_prefixed(&key[locale_end..]).ok_or_else(corrupt)?;
+    let product_id = std::str::from_utf8(&key[locale_end + query_length..]).map_err(|_| corrupt())?.to_owned();
+    Ok(JudgementKey { locale, query, product_id })
+}
+
+/// Encodes an offsets key: `topic ‖ 0x00 ‖ partition as i32 BE`.
+pub fn offset_key(topic: &str, partition: i32) -> Vec<u8> {
+    let mut key = Vec::with_capacity(topic.len() + 5);
+    key.extend_from_slice(topic.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&partition.to_be_bytes());
+    key
+}
+
+fn decode_offset_key(key: &[u8]) -> Result<(String, i32), StateError> {
+    let corrupt = || StateError::Corrupt { column_family: OFFSETS_CF, detail: format!("key {key:02x?}") };
+    if key.len() < 5 || key[key.len() - 5] != 0 {
+        return Err(corrupt());
+    }
+    let topic = std::str::from_utf8(&key[..key.len() - 5]).map_err(|_| corrupt())?.to_owned();
+    let partition = i32::from_be_bytes(key[key.len() - 4..].try_into().expect("4 bytes"));
+    Ok((topic, partition))
+}
+
+/// Hex SHA-256 of the canonical JSON of a product's content (fields in declaration order,
+/// attributes sorted): equal content, equal hash.
+pub fn content_hash(content: &ProductContent) -> String {
+    let canonical = serde_json::to_vec(content).expect("ProductContent serialises");
+    hex::encode(Sha256::digest(&canonical))
+}
+
+/// What one message amounts to once decoded.
+#[derive(Debug, Clone)]
+pub enum DecodedRecord {
+    /// A valid `products` event.
+    Product(ProductEvent),
+    /// A valid `query-events` event.
+    Query(QueryEvent),
+    /// An invalid message, already delivered to the dead-letter topic.
+    DeadLetter(DeadLetterReason),
+}
+
+/// One consumed message, ready to apply.
+#[derive(Debug, Clone)]
+pub struct SourcedRecord {
+    /// Where the message came from.
+    pub position: SourcePosition,
+    /// What it says.
+    pub record: DecodedRecord,
+}
+
+/// The effect a record had on state, and the `outcome` label of `merge_indexer_events_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ApplyOutcome {
+    /// State changed.
+    Applied,
+    /// Valid but changed nothing (same content re-upserted, delete of an absent product).
+    Unchanged,
+    /// Its offset was already applied (a redelivery after a crash or rebalance); skipped.
+    Duplicate,
+    /// Invalid; it went to the dead-letter topic and only its offset and counter were stored.
+    DeadLettered,
+}
+
+impl ApplyOutcome {
+    /// Every outcome.
+    pub const ALL: [ApplyOutcome; 4] = [Self::Applied, Self::Unchanged, Self::Duplicate, Self::DeadLettered];
+
+    /// The metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Unchanged => "unchanged",
+            Self::Duplicate => "duplicate",
+            Self::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
+/// The result of [`StateStore::apply_batch`].
+#[derive(Debug, Clone, Default)]
+pub struct BatchReport {
+    /// Outcome per record, in input order.
+    pub outcomes: Vec<ApplyOutcome>,
+    /// Size of the RocksDB write batch, in bytes (0 when nothing was written).
+    pub write_bytes: usize,
+    /// Next offset per (topic, partition) after the batch, for the partitions it touched.
+    pub next_offsets: BTreeMap<(String, i32), i64>,
+}
+
+/// Counts kept in `meta`, updated in the same write batch as the data they count.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StateCounts {
+    /// Products currently stored.
+    pub products: i64,
+    /// Distinct (locale, query, product) pairs with at least one signal.
+    pub judgement_pairs: i64,
+    /// Events per topic and outcome (`topic/outcome` → count), duplicates excluded.
+    pub events: BTreeMap<String, i64>,
+    /// Dead letters per reason.
+    pub dead_letters: BTreeMap<String, i64>,
+}
+
+/// Whether this state directory belongs to the Kafka cluster it is about to consume from.
+/// Offsets are only meaningful within one cluster, so a state dir is bound to the first
+/// cluster it consumed from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterBinding {
+    /// The directory was not bound yet; it is now bound to the given cluster.
+    NewlyBound,
+    /// The directory belongs to this cluster.
+    Same,
+    /// The directory belongs to another cluster.
+    Mismatch {
+        /// The cluster id stored in state.
+        stored_cluster_id: String,
+        /// Whether that cluster was an embedded (in-process, now gone) broker.
+        stored_was_embedded: bool,
+    },
+}
+
+/// Options for [`StateStore::open`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StateOptions {
+    /// fsync the WAL on every batch. Off by default: a batch is one atomic WAL record with its
+    /// offsets, so a machine crash can only roll state back to an earlier consistent batch, and
+    /// those events are consumed again from Kafka.
+    pub sync_writes: bool,
+    /// RocksDB block cache size in MiB, shared by all column families.
+    pub block_cache_mib: usize,
+}
+
+impl Default for StateOptions {
+    fn default() -> Self {
+        Self { sync_writes: false, block_cache_mib: 256 }
+    }
+}
+
+/// The RocksDB-backed state of one indexer.
+pub struct StateStore {
+    database: DB,
+    path: PathBuf,
+    write_options_sync: bool,
+}
+
+impl std::fmt::Debug for StateStore {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("StateStore").field("path", &self.path).finish()
+    }
+}
+
+impl StateStore {
+    /// Opens (creating if needed) the state in `path` for writing. Only one process may hold it.
+    pub fn open(path: &Path, options: &StateOptions) -> Result<Self, StateError> {
+        std::fs::create_dir_all(path).map_err(|source| StateError::CreateDirectory { path: path.to_owned(), source })?;
+        let mut database_options = Options::default();
+        database_options.create_if_missing(true);
+        database_options.create_missing_column_families(true);
+        database_options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let cache = rocksdb::Cache::new_lru_cache(options.block_cache_mib.max(8) * 1024 * 1024);
+        let mut table_options = rocksdb::BlockBasedOptions::default();
+        table_options.set_block_cache(&cache);
+        table_options.set_bloom_filter(10.0, false);
+        database_options.set_block_based_table_factory(&table_options);
+        let descriptors = COLUMN_FAMILIES.iter().map(|name| {
+            let mut column_options = Options::default();
+            column_options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            column_options.set_block_based_table_factory(&table_options);
+            ColumnFamilyDescriptor::new(*name, column_options)
+        });
+        let database = DB::open_cf_descriptors(&database_options, path, descriptors)
+            .map_err(|source| StateError::Rocks { path: path.to_owned(), source })?;
+        let store = Self { database, path: path.to_owned(), write_options_sync: options.sync_writes };
+        store.check_or_write_format_version()?;
+        Ok(store)
+    }
+
+    /// Opens the state read-only, alongside a running writer (used by `inspect`).
+    pub fn open_read_only(path: &Path) -> Result<Self, StateError> {
+        let database = DB::open_cf_for_read_only(&Options::default(), path, COLUMN_FAMILIES, false)
+            .map_err(|source| StateError::Rocks { path: path.to_owned(), source })?;
+        let store = Self { database, path: path.to_owned(), write_options_sync: false };
+        if let Some(found) = store.meta_counter(FORMAT_VERSION_KEY)? {
+            if found != FORMAT_VERSION {
+                return Err(StateError::FormatVersion { path: path.to_owned(), found });
+            }
+        }
+        Ok(store)
+    }
+
+    /// The state directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn rocks_error(&self, source: rocksdb::Error) -> StateError {
+        StateError::Rocks { path: self.path.clone(), source }
+    }
+
+    fn column_family(&self, name: &'static str) -> &rocksdb::ColumnFamily {
+        self.database.cf_handle(name).expect("all column families are opened with the database")
+    }
+
+    fn check_or_write_format_version(&self) -> Result<(), StateError> {
+        match self.meta_counter(FORMAT_VERSION_KEY)? {
+            Some(found) if found != FORMAT_VERSION => Err(StateError::FormatVersion { path: self.path.clone(), found }),
+            Some(_) => Ok(()),
+            None => self
+                .database
+                .put_cf(self.column_family(META_CF), FORMAT_VERSION_KEY, FORMAT_VERSION.to_le_bytes())
+                .map_err(|error| self.rocks_error(error)),
+        }
+    }
+
+    fn get(&self, column_family: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+        self.database.get_cf(self.column_family(column_family), key).map_err(|error| self.rocks_error(error))
+    }
+
+    fn meta_counter(&self, name: &str) -> Result<Option<i64>, StateError> {
+        let Some(bytes) = self.get(META_CF, name.as_bytes())? else {
+            return Ok(None);
+        };
+        let array: [u8; 8] = bytes.as_slice().try_into().map_err(|_| StateError::Corrupt {
+            column_family: META_CF,
+            detail: format!("counter {name} is {} bytes", bytes.len()),
+        })?;
+        Ok(Some(i64::from_le_bytes(array)))
+    }
+
+    /// Binds the state to `cluster_id` on first use, or reports whether it matches.
+    pub fn bind_cluster(&self, cluster_id: &str, embedded: bool) -> Result<ClusterBinding, StateError> {
+        let stored = self.get(META_CF, CLUSTER_ID_KEY.as_bytes())?;
+        match stored {
+            Some(stored) if stored == cluster_id.as_bytes() => Ok(ClusterBinding::Same),
+            Some(stored) => Ok(ClusterBinding::Mismatch {
+                stored_cluster_id: String::from_utf8_lossy(&stored).into_owned(),
+                stored_was_embedded: self.get(META_CF, CLUSTER_EMBEDDED_KEY.as_bytes())?.is_some(),
+            }),
+            None => {
+                let meta = self.column_family(META_CF);
+                let mut batch = WriteBatch::default();
+                batch.put_cf(meta, CLUSTER_ID_KEY, cluster_id.as_bytes());
+                if embedded {
+                    batch.put_cf(meta, CLUSTER_EMBEDDED_KEY, b"1");
+                }
+                self.database.write(batch).map_err(|error| self.rocks_error(error))?;
+                Ok(ClusterBinding::NewlyBound)
+            }
+        }
+    }
+
+    /// The Kafka cluster id this state is bound to, if any.
+    pub fn bound_cluster_id(&self) -> Result<Option<String>, StateError> {
+        Ok(self.get(META_CF, CLUSTER_ID_KEY.as_bytes())?.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()))
+    }
+
+    /// The next offset to consume for a partition, if any batch of it was applied.
+    pub fn next_offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, StateError> {
+        let Some(bytes) = self.get(OFFSETS_CF, &offset_key(topic, partition))? else {
+            return Ok(None);
+        };
+        let array: [u8; 8] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| StateError::Corrupt { column_family: OFFSETS_CF, detail: format!("offset of {topic}/{partition}") })?;
+        Ok(Some(i64::from_be_bytes(array)))
+    }
+
+    /// Every stored next offset, by (topic, partition).
+    pub fn stored_offsets(&self) -> Result<BTreeMap<(String, i32), i64>, StateError> {
+        let mut offsets = BTreeMap::new();
+        for entry in self.database.iterator_cf(self.column_family(OFFSETS_CF), IteratorMode::Start) {
+            let (key, value) = entry.map_err(|error| self.rocks_error(error))?;
+            let array: [u8; 8] = value
+                .as_ref()
+                .try_into()
+                .map_err(|_| StateError::Corrupt { column_family: OFFSETS_CF, detail: "offset value size".into() })?;
+            offsets.insert(decode_offset_key(&key)?, i64::from_be_bytes(array));
+        }
+        Ok(offsets)
+    }
+
+    /// The stored product, if present.
+    pub fn product(&self, product_id: &str) -> Result<Option<StoredProduct>, StateError> {
+        let Some(bytes) = self.get(PRODUCTS_CF, product_id.as_bytes())? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|error| StateError::Corrupt { column_family: PRODUCTS_CF, detail: error.to_string() })
+    }
+
+    /// The aggregate of a (locale, query, product) pair; pass `""` for no locale and the
+    /// query as normalised by [`crate::events::normalize_query`].
+    pub fn judgement(&self, locale: &str, query: &str, product_id: &str) -> Result<Option<JudgementAggregate>, StateError> {
+        self.get(JUDGEMENTS_CF, &judgement_key(locale, query, product_id))?
+            .map(|bytes| JudgementAggregate::decode(&bytes))
+            .transpose()
+    }
+
+    /// Visits every product in key order.
+    pub fn for_each_product(&self, mut visit: impl FnMut(&str, StoredProduct)) -> Result<(), StateError> {
+        for entry in self.database.iterator_cf(self.column_family(PRODUCTS_CF), IteratorMode::Start) {
+            let (key, value) = entry.map_err(|error| self.rocks_error(error))?;
+            let product: StoredProduct = serde_json::from_slice(&value)
+                .map_err(|error| StateError::Corrupt { column_family: PRODUCTS_CF, detail: error.to_string() })?;
+            visit(&String::from_utf8_lossy(&key), product);
+        }
+        Ok(())
+    }
+
+    /// Visits every judgement pair in key order (grouped by locale, then query).
+    pub fn for_each_judgement(&self, mut visit: impl FnMut(JudgementKey, JudgementAggregate)) -> Result<(), StateError> {
+        for entry in self.database.iterator_cf(self.column_family(JUDGEMENTS_CF), IteratorMode::Start) {
+            let (key, value) = entry.map_err(|error| self.rocks_error(error))?;
+            visit(decode_judgement_key(&key)?, JudgementAggregate::decode(&value)?);
+        }
+        Ok(())
+    }
+
+    /// Judgement pairs whose product is not (or no longer) in `products`: they are kept, since
+    /// the product may arrive later.
+    pub fn count_judgements_without_product(&self) -> Result<i64, StateError> {
+        let mut missing = 0;
+        let mut last_checked: Option<(String, bool)> = None;
+        let mut keys = Vec::new();
+        self.for_each_judgement(|key, _| keys.push(key.product_id))?;
+        for product_id in keys {
+            let known = match &last_checked {
+                Some((checked, known)) if *checked == product_id => *known,
+                _ => self.get(PRODUCTS_CF, product_id.as_bytes())?.is_some(),
+            };
+            if !known {
+                missing += 1;
+            }
+            last_checked = Some((product_id, known));
+        }
+        Ok(missing)
+    }
+
+    /// The counters kept in `meta`.
+    pub fn counts(&self) -> Result<StateCounts, StateError> {
+        let mut counts = StateCounts::default();
+        for entry in self.database.iterator_cf(self.column_family(META_CF), IteratorMode::Start) {
+            let (key, value) = entry.map_err(|error| self.rocks_error(error))?;
+            let name = String::from_utf8_lossy(&key).into_owned();
+            let Ok(array) = <[u8; 8]>::try_from(value.as_ref()) else {
+                continue;
+            };
+            let count = i64::from_le_bytes(array);
+            if name == PRODUCT_COUNT_KEY {
+                counts.products = count;
+            } else if name == JUDGEMENT_PAIR_COUNT_KEY {
+                counts.judgement_pairs = count;
+            } else if let Some(reason) = name.strip_prefix(DEAD_LETTER_COUNT_PREFIX) {
+                counts.dead_letters.insert(reason.to_owned(), count);
+            } else if let Some(topic_outcome) = name.strip_prefix(EVENT_COUNT_PREFIX) {
+                counts.events.insert(topic_outcome.to_owned(), count);
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Applies a micro-batch atomically: every record's effect, the counters and the next
+    /// offset of each partition go into one `WriteBatch`. Records at offsets below the stored
+    /// next offset of their partition are skipped as duplicates, so replaying a batch is a no-op.
+    pub fn apply_batch(&self, records: &[SourcedRecord], mapping: &RelevanceMapping) -> Result<BatchReport, StateError> {
+        let mut pending = PendingBatch::new(self);
+        let mut outcomes = Vec::with_capacity(records.len());
+        for sourced in records {
+            let position = &sourced.position;
+            let partition_key = (position.topic.clone(), position.partition);
+            let next_offset = match pending.next_offsets.get(&partition_key) {
+                Some(next) => Some(*next),
+                None => self.next_offset(&position.topic, position.partition)?,
+            };
+            if next_offset.is_some_and(|next| position.offset < next) {
+                outcomes.push(ApplyOutcome::Duplicate);
+                continue;
+            }
+            let outcome = match &sourced.record {
+                DecodedRecord::Product(event) => pending.apply_product(event, position)?,
+                DecodedRecord::Query(event) => pending.apply_query(event, mapping)?,
+                DecodedRecord::DeadLetter(reason) => {
+                    pending.add_counter(format!("{DEAD_LETTER_COUNT_PREFIX}{reason}"), 1);
+                    ApplyOutcome::DeadLettered
+                }
+            };
+            pending.add_counter(format!("{EVENT_COUNT_PREFIX}{}/{}", position.topic, outcome.as_str()), 1);
+            pending.next_offsets.insert(partition_key, position.offset + 1);
+            outcomes.push(outcome);
+        }
+        let next_offsets = pending.next_offsets.clone();
+        let write_bytes = pending.commit()?;
+        Ok(BatchReport { outcomes, write_bytes, next_offsets })
+    }
+}
+
+/// The in-memory overlay of one batch: later records in a batch must see earlier ones' effects.
+struct PendingBatch<'store> {
+    store: &'store StateStore,
+    products: HashMap<String, Option<StoredProduct>>,
+    judgements: HashMap<Vec<u8>, JudgementAggregate>,
+    counter_deltas: BTreeMap<String, i64>,
+    next_offsets: BTreeMap<(String, i32), i64>,
+}
+
+impl<'store> PendingBatch<'store> {
+    fn new(store: &'store StateStore) -> Self {
+        Self {
+            store,
+            products: HashMap::new(),
+            judgements: HashMap::new(),
+            counter_deltas: BTreeMap::new(),
+            next_offsets: BTreeMap::new(),
+        }
+    }
+
+    fn add_counter(&mut self, name: String, delta: i64) {
+        *self.counter_deltas.entry(name).or_insert(0) += delta;
+    }
+
+    fn current_product(&mut self, product_id: &str) -> Result<Option<StoredProduct>, StateError> {
+        if let Some(pending) = self.products.get(product_id) {
+            return Ok(pending.clone());
+        }
+        self.store.product(product_id)
+    }
+
+    fn apply_product(&mut self, event: &ProductEvent, position: &SourcePosition) -> Result<ApplyOutcome, StateError> {
+        let existing = self.current_product(event.product_id())?;
+        match event {
+            ProductEvent::Upsert { product_id, content } => {
+                let hash = content_hash(content);
+                if existing.as_ref().is_some_and(|stored| stored.content_hash == hash) {
+                    return Ok(ApplyOutcome::Unchanged);
+                }
+                if existing.is_none() {
+                    self.add_counter(PRODUCT_COUNT_KEY.into(), 1);
+                }
+                let stored = StoredProduct { content: content.clone(), content_hash: hash, updated_by: position.clone() };
+                self.products.insert(product_id.clone(), Some(stored));
+                Ok(ApplyOutcome::Applied)
+            }
+            ProductEvent::Delete { product_id } => {
+                if existing.is_none() {
+                    return Ok(ApplyOutcome::Unchanged);
+                }
+                self.add_counter(PRODUCT_COUNT_KEY.into(), -1);
+                self.products.insert(product_id.clone(), None);
+                Ok(ApplyOutcome::Applied)
+            }
+        }
+    }
+
+    fn apply_query(&mut self, event: &QueryEvent, mapping: &RelevanceMapping) -> Result<ApplyOutcome, StateError> {
+        let key = judgement_key(event.locale.as_deref().unwrap_or(""), &event.query, &event.product_id);
+        let mut aggregate = match self.judgements.get(&key) {
+            Some(pending) => *pending,
+            None => match self.store.get(JUDGEMENTS_CF, &key)? {
+                Some(bytes) => JudgementAggregate::decode(&bytes)?,
+                None => {
+                    self.add_counter(JUDGEMENT_PAIR_COUNT_KEY.into(), 1);
+                    JudgementAggregate::default()
+                }
+            },
+        };
+        aggregate.record(event.signal, mapping);
+        self.judgements.insert(key, aggregate);
+        Ok(ApplyOutcome::Applied)
+    }
+
+    fn commit(self) -> Result<usize, StateError> {
+        let store = self.store;
+        if self.next_offsets.is_empty() {
+            return Ok(0);
+        }
+        let mut batch = WriteBatch::default();
+        let products = store.column_family(PRODUCTS_CF);
+        for (product_id, stored) in &self.products {
+            match stored {
+                Some(stored) => {
+                    let value = serde_json::to_vec(stored).expect("StoredProduct serialises");
+                    batch.put_cf(products, product_id.as_bytes(), value);
+                }
+                None => batch.delete_cf(products, product_id.as_bytes()),
+            }
+        }
+        let judgements = store.column_family(JUDGEMENTS_CF);
+        for (key, aggregate) in &self.judgements {
+            batch.put_cf(judgements, key, aggregate.encode());
+        }
+        let meta = store.column_family(META_CF);
+        for (name, delta) in &self.counter_deltas {
+            let current = store.meta_counter(name)?.unwrap_or(0);
+            batch.put_cf(meta, name.as_bytes(), (current + delta).to_le_bytes());
+        }
+        let offsets = store.column_family(OFFSETS_CF);
+        for ((topic, partition), next) in &self.next_offsets {
+            batch.put_cf(offsets, offset_key(topic, *partition), next.to_be_bytes());
+        }
+        let write_bytes = batch.size_in_bytes();
+        let mut write_options = WriteOptions::default();
+        write_options.set_sync(store.write_options_sync);
+        store.database.write_opt(batch, &write_options).map_err(|error| store.rocks_error(error))?;
+        Ok(write_bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{InteractionAction, ProductContent};
+
+    fn position(topic: &str, offset: i64) -> SourcePosition {
+        SourcePosition { topic: topic.into(), partition: 0, offset }
+    }
+
+    fn upsert(product_id: &str, title: &str, offset: i64) -> SourcedRecord {
+        let content = ProductContent {
+            locale: None,
+            title: title.into(),
+            description: None,
+            bullet_points: vec![],
+            brand: None,
+            color: None,
+            category: None,
+            attributes: Default::default(),
+        };
+        SourcedRecord {
+            position: position("products", offset),
+            record: DecodedRecord::Product(ProductEvent::Upsert { product_id: product_id.into(), content }),
+        }
+    }
+
+    #[test]
+    fn judgement_key_round_trips_and_groups_by_query() {
+        let key = judgement_key("us", "red shoes", "P1");
+        let decoded = decode_judgement_key(&key).unwrap();
+        assert_eq!(decoded, JudgementKey { locale: "us".into(), query: "red shoes".into(), product_id: "P1".into() });
+        assert!(judgement_key("us", "red shoes", "P2").starts_with(&key[..key.len() - 2]));
+    }
+
+    #[test]
+    fn aggregate_encoding_round_trips() {
+        let mut aggregate = JudgementAggregate::default();
+        let mapping = RelevanceMapping::default();
+        aggregate.record(QuerySignal::Interaction(InteractionAction::Impression), &mapping);
+        assert_eq!(aggregate.max_level, None);
+        aggregate.record(QuerySignal::Judgement(RelevanceLevel::Substitute), &mapping);
+        aggregate.record(QuerySignal::Interaction(InteractionAction::Click), &mapping);
+        assert_eq!(aggregate.max_level, Some(RelevanceLevel::Substitute));
+        assert_eq!(JudgementAggregate::decode(&aggregate.encode()).unwrap(), aggregate);
+    }
+
+    #[test]
+    fn state_is_bound_to_one_cluster() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = StateStore::open(directory.path(), &StateOptions::default()).unwrap();
+        assert_eq!(store.bind_cluster("cluster-a", true).unwrap(), ClusterBinding::NewlyBound);
+        assert_eq!(store.bind_cluster("cluster-a", true).unwrap(), ClusterBinding::Same);
+        assert_eq!(
+            store.bind_cluster("cluster-b", false).unwrap(),
+            ClusterBinding::Mismatch { stored_cluster_id: "cluster-a".into(), stored_was_embedded: true }
+        );
+        assert_eq!(store.counts().unwrap(), StateCounts::default(), "binding keys are not counters");
+    }
+
+    #[test]
+    fn replaying_a_batch_is_a_no_op() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = StateStore::open(directory.path(), &StateOptions::default()).unwrap();
+        let batch = vec![upsert("P1", "one", 0), upsert("P2", "two", 1), upsert("P1", "one again", 2)];
+        let first = store.apply_batch(&batch, &RelevanceMapping::default()).unwrap();
+        assert_eq!(first.outcomes, vec![ApplyOutcome::Applied; 3]);
+        let replay = store.apply_batch(&batch, &RelevanceMapping::default()).unwrap();
+        assert_eq!(replay.outcomes, vec![ApplyOutcome::Duplicate; 3]);
+        assert_eq!(replay.write_bytes, 0);
+        assert_eq!(store.counts().unwrap().products, 2);
+        assert_eq!(store.next_offset("products", 0).unwrap(), Some(3));
+        assert_eq!(store.product("P1").unwrap().unwrap().content.title, "one again");
+    }
+}
