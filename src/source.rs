@@ -237,7 +237,8 @@ impl Indexer {
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>, options: RunOptions) -> anyhow::Result<RunSummary> {
         let started = Instant::now();
         let mut summary = RunSummary::default();
-        let lag_task = self.spawn_lag_refresher(shutdown.clone());
+        let (stop_lag_refresher, lag_refresher_stop) = watch::channel(false);
+        let lag_task = self.spawn_lag_refresher(lag_refresher_stop);
         let result = loop {
             if *shutdown.borrow() {
                 break Ok(());
@@ -265,7 +266,10 @@ impl Indexer {
                 break Ok(());
             }
         };
-        lag_task.abort();
+        // Wait for the refresher to finish, so that no clone of the state or the consumer
+        // outlives this call (callers reopen the state directory right after).
+        let _ = stop_lag_refresher.send(true);
+        let _ = lag_task.await;
         summary.elapsed_seconds = started.elapsed().as_secs_f64();
         result.map(|()| summary)
     }
@@ -460,7 +464,7 @@ impl Indexer {
         Ok(lags.iter().all(|lag| lag.lag == 0))
     }
 
-    fn spawn_lag_refresher(&self, mut shutdown: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+    fn spawn_lag_refresher(&self, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
         let consumer = Arc::clone(&self.consumer);
         let state = Arc::clone(&self.state);
         let interval = Duration::from_millis(self.config.kafka.lag_refresh_interval_ms.max(100));
@@ -468,7 +472,7 @@ impl Indexer {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(interval) => {}
-                    _ = shutdown.changed() => return,
+                    _ = stop.changed() => return,
                 }
                 let consumer = Arc::clone(&consumer);
                 let state = Arc::clone(&state);

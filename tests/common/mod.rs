@@ -73,7 +73,10 @@ pub struct DeadLetter {
 
 /// Reads every message of the dead-letter topic (partition 0) from the beginning.
 pub fn read_dead_letters(config: &Config, bootstrap: &str, expected: usize) -> Vec<DeadLetter> {
-    let consumer: BaseConsumer = base_client_config(&config.kafka, bootstrap).unwrap().create().unwrap();
+    let mut client_config = base_client_config(&config.kafka, bootstrap).unwrap();
+    // Manual assignment, no group membership; librdkafka still wants a group id.
+    client_config.set("group.id", "dead-letter-reader").set("enable.auto.commit", "false");
+    let consumer: BaseConsumer = client_config.create().unwrap();
     let mut assignment = TopicPartitionList::new();
     assignment.add_partition_offset(&config.kafka.topics.dead_letters, 0, Offset::Beginning).unwrap();
     consumer.assign(&assignment).unwrap();
