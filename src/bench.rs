@@ -31,6 +31,10 @@ pub struct IngestBenchArgs {
     /// fsync the RocksDB WAL on every batch (default: not; see README "Durability").
     #[arg(long)]
     pub sync_writes: bool,
+    /// Partitions per topic on the embedded broker. librdkafka's mock broker keeps at most
+    /// 5 MiB or 100,000 messages per partition, so large runs need enough partitions.
+    #[arg(long, default_value_t = 16)]
+    pub partitions: i32,
     /// Where the benchmark's state directories go (default: a temporary directory).
     #[arg(long)]
     pub work_dir: Option<std::path::PathBuf>,
@@ -51,11 +55,12 @@ pub struct IngestRound {
 pub async fn ingest_benchmark(mut config: Config, arguments: &IngestBenchArgs) -> anyhow::Result<()> {
     crate::metrics::install_recorder_without_listener()?;
     config.state.sync_writes = arguments.sync_writes;
+    config.kafka.embedded_partitions = arguments.partitions;
     let broker = EmbeddedBroker::start_for(&config)?;
     let bootstrap = broker.bootstrap_servers().to_owned();
     let topics = config.kafka.topics.clone();
     let products = (arguments.events / 7).max(1);
-    let queries = (arguments.events / 14).max(1);
+    let queries = (arguments.events / 9).max(1);
     let spec = SyntheticCatalogSpec { products, queries, judgements_per_query: 4, seed: 7, churn_fraction: 0.0 };
     let mut messages = SyntheticCatalog::generate(&spec).messages(&topics.products, &topics.query_events);
     messages.truncate(arguments.events);
@@ -120,7 +125,7 @@ async fn bare_consume_rate(config: &Config, bootstrap: &str, group_id: &str, eve
     while received < events {
         let message = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
             .await
-            .context("bare consumer stalled for 60 s")??;
+            .with_context(|| format!("bare consumer stalled for 60 s after {received} of {events} events"))??;
         first.get_or_insert_with(Instant::now);
         payload_bytes += message.payload().map_or(0, <[u8]>::len);
         received += 1;

@@ -6,6 +6,7 @@
 //! naming the offending field, which is what a catalog team reading the dead-letter topic needs.
 //! Unknown fields are accepted and ignored so producers can add fields before we read them.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -397,6 +398,40 @@ pub fn normalize_query(query: &str) -> String {
     query.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
 }
 
+/// The fields of a `products` message, typed but not yet validated. Decoded straight from
+/// the payload on the fast path, or extracted from a [`Value`] (with precise type errors) when
+/// the fast path fails; either way [`validate_product`] applies the same rules.
+#[derive(Debug, Default, Deserialize)]
+struct ProductWire {
+    schema_version: Option<u64>,
+    product_id: Option<String>,
+    op: Option<String>,
+    locale: Option<String>,
+    title: Option<String>,
+    description: Option<String>,
+    bullet_points: Option<Vec<String>>,
+    brand: Option<String>,
+    color: Option<String>,
+    category: Option<String>,
+    attributes: Option<BTreeMap<String, String>>,
+}
+
+/// The fields of a `query-events` message, borrowing from the payload where JSON allows.
+#[derive(Debug, Default, Deserialize)]
+struct QueryWire<'a> {
+    schema_version: Option<u64>,
+    #[serde(borrow)]
+    query: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    product_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    locale: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    label: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    action: Option<Cow<'a, str>>,
+}
+
 /// Decodes one `products` message. A missing payload with a key is a tombstone (delete), as
 /// Kafka's compaction convention has it; the key, when present, must equal `product_id`.
 pub fn decode_product_event(
@@ -416,34 +451,12 @@ pub fn decode_product_event(
         validate_product_id(product_id, limits)?;
         return Ok(ProductEvent::Delete { product_id: product_id.to_owned() });
     };
-    let object = parse_object(payload, limits)?;
-    check_schema_version(&object)?;
-    let product_id = required_string(&object, "product_id")?;
-    validate_product_id(&product_id, limits)?;
-    if let Some(key) = key {
-        if key != product_id.as_bytes() {
-            return Err(InvalidEvent::new(
-                DeadLetterReason::KeyMismatch,
-                format!(
-                    "message key {:?} differs from product_id {:?}",
-                    String::from_utf8_lossy(key),
-                    product_id
-                ),
-            ));
-        }
-    }
-    let operation = optional_string(&object, "op")?.unwrap_or_else(|| "upsert".to_owned());
-    match operation.as_str() {
-        "delete" => Ok(ProductEvent::Delete { product_id }),
-        "upsert" => {
-            let content = decode_product_content(&object, limits)?;
-            Ok(ProductEvent::Upsert { product_id, content })
-        }
-        other => Err(InvalidEvent::new(
-            DeadLetterReason::UnknownOperation,
-            format!("op {other:?} is not \"upsert\" or \"delete\""),
-        )),
-    }
+    check_payload_size(payload, limits)?;
+    let wire = match serde_json::from_slice::<ProductWire>(payload) {
+        Ok(wire) => wire,
+        Err(_) => product_wire_from_value(&parse_object(payload)?)?,
+    };
+    validate_product(wire, key, limits)
 }
 
 /// Decodes one `query-events` message: exactly one of `label` (explicit judgement) or `action`
@@ -452,26 +465,86 @@ pub fn decode_query_event(payload: Option<&[u8]>, limits: &ValidationLimits) -> 
     let Some(payload) = payload else {
         return Err(InvalidEvent::new(DeadLetterReason::EmptyPayload, "query event without payload"));
     };
-    let object = parse_object(payload, limits)?;
-    check_schema_version(&object)?;
-    let raw_query = required_string(&object, "query")?;
+    check_payload_size(payload, limits)?;
+    if let Ok(wire) = serde_json::from_slice::<QueryWire<'_>>(payload) {
+        return validate_query(wire, limits);
+    }
+    let object = parse_object(payload)?;
+    validate_query(query_wire_from_value(&object)?, limits)
+}
+
+fn validate_product(wire: ProductWire, key: Option<&[u8]>, limits: &ValidationLimits) -> Result<ProductEvent, InvalidEvent> {
+    check_schema_version(wire.schema_version)?;
+    let product_id = required("product_id", wire.product_id)?;
+    validate_product_id(&product_id, limits)?;
+    if let Some(key) = key {
+        if key != product_id.as_bytes() {
+            return Err(InvalidEvent::new(
+                DeadLetterReason::KeyMismatch,
+                format!("message key {:?} differs from product_id {product_id:?}", String::from_utf8_lossy(key)),
+            ));
+        }
+    }
+    match wire.op.as_deref().unwrap_or("upsert") {
+        "delete" => return Ok(ProductEvent::Delete { product_id }),
+        "upsert" => {}
+        other => {
+            return Err(InvalidEvent::new(
+                DeadLetterReason::UnknownOperation,
+                format!("op {other:?} is not \"upsert\" or \"delete\""),
+            ))
+        }
+    }
+    let title = required("title", wire.title)?;
+    if title.trim().is_empty() {
+        return Err(InvalidEvent::new(DeadLetterReason::InvalidValue, "field `title` is blank"));
+    }
+    check_length("title", &title, limits.max_title_bytes)?;
+    let locale = wire.locale.as_deref().map(validate_locale).transpose()?;
+    for (field, text) in [("description", &wire.description), ("brand", &wire.brand), ("color", &wire.color), ("category", &wire.category)] {
+        if let Some(text) = text {
+            check_length(field, text, limits.max_text_field_bytes)?;
+        }
+    }
+    let bullet_points = wire.bullet_points.unwrap_or_default();
+    check_item_count("bullet_points", bullet_points.len(), limits)?;
+    for text in &bullet_points {
+        check_length("bullet_points[]", text, limits.max_text_field_bytes)?;
+    }
+    let attributes = wire.attributes.unwrap_or_default();
+    check_item_count("attributes", attributes.len(), limits)?;
+    for (name, text) in &attributes {
+        check_length("attributes{}", name, limits.max_text_field_bytes)?;
+        check_length("attributes{}", text, limits.max_text_field_bytes)?;
+    }
+    let content = ProductContent {
+        locale,
+        title,
+        description: wire.description,
+        bullet_points,
+        brand: wire.brand,
+        color: wire.color,
+        category: wire.category,
+        attributes,
+    };
+    Ok(ProductEvent::Upsert { product_id, content })
+}
+
+fn validate_query(wire: QueryWire<'_>, limits: &ValidationLimits) -> Result<QueryEvent, InvalidEvent> {
+    check_schema_version(wire.schema_version)?;
+    let raw_query = required("query", wire.query)?;
     check_length("query", &raw_query, limits.max_query_bytes)?;
     let query = normalize_query(&raw_query);
     if query.is_empty() {
         return Err(InvalidEvent::new(DeadLetterReason::InvalidValue, "field `query` is blank"));
     }
-    let product_id = required_string(&object, "product_id")?;
+    let product_id = required("product_id", wire.product_id)?;
     validate_product_id(&product_id, limits)?;
-    let locale = optional_locale(&object)?;
-    let label = optional_string(&object, "label")?;
-    let action = optional_string(&object, "action")?;
-    let signal = match (label, action) {
+    let locale = wire.locale.as_deref().map(validate_locale).transpose()?;
+    let signal = match (wire.label, wire.action) {
         (Some(label), None) => {
             let level = RelevanceLevel::from_label(&label).ok_or_else(|| {
-                InvalidEvent::new(
-                    DeadLetterReason::UnknownLabel,
-                    format!("label {label:?} is not one of E, S, C, I"),
-                )
+                InvalidEvent::new(DeadLetterReason::UnknownLabel, format!("label {label:?} is not one of E, S, C, I"))
             })?;
             QuerySignal::Judgement(level)
         }
@@ -497,10 +570,10 @@ pub fn decode_query_event(payload: Option<&[u8]>, limits: &ValidationLimits) -> 
             ))
         }
     };
-    Ok(QueryEvent { query, locale, product_id, signal })
+    Ok(QueryEvent { query, locale, product_id: product_id.into_owned(), signal })
 }
 
-fn parse_object(payload: &[u8], limits: &ValidationLimits) -> Result<Map<String, Value>, InvalidEvent> {
+fn check_payload_size(payload: &[u8], limits: &ValidationLimits) -> Result<(), InvalidEvent> {
     if payload.len() > limits.max_event_bytes {
         return Err(InvalidEvent::new(
             DeadLetterReason::OversizeEvent,
@@ -510,6 +583,11 @@ fn parse_object(payload: &[u8], limits: &ValidationLimits) -> Result<Map<String,
     if payload.is_empty() {
         return Err(InvalidEvent::new(DeadLetterReason::EmptyPayload, "payload is empty"));
     }
+    Ok(())
+}
+
+/// The slow path: parses the payload as a generic JSON object to say precisely what is wrong.
+fn parse_object(payload: &[u8]) -> Result<Map<String, Value>, InvalidEvent> {
     let value: Value = serde_json::from_slice(payload)
         .map_err(|error| InvalidEvent::new(DeadLetterReason::InvalidJson, error.to_string()))?;
     match value {
@@ -521,125 +599,102 @@ fn parse_object(payload: &[u8], limits: &ValidationLimits) -> Result<Map<String,
     }
 }
 
-fn check_schema_version(object: &Map<String, Value>) -> Result<(), InvalidEvent> {
-    let Some(value) = object.get("schema_version").filter(|value| !value.is_null()) else {
-        return Err(InvalidEvent::new(DeadLetterReason::MissingField, "field `schema_version` is required"));
-    };
-    let Some(version) = value.as_u64() else {
-        return Err(InvalidEvent::new(
-            DeadLetterReason::WrongType,
-            format!("field `schema_version` must be a non-negative integer, got {}", json_type_name(value)),
-        ));
-    };
-    if version != SCHEMA_VERSION {
-        return Err(InvalidEvent::new(
+fn product_wire_from_value(object: &Map<String, Value>) -> Result<ProductWire, InvalidEvent> {
+    Ok(ProductWire {
+        schema_version: optional_u64(object, "schema_version")?,
+        product_id: optional_str(object, "product_id")?.map(str::to_owned),
+        op: optional_str(object, "op")?.map(str::to_owned),
+        locale: optional_str(object, "locale")?.map(str::to_owned),
+        title: optional_str(object, "title")?.map(str::to_owned),
+        description: optional_str(object, "description")?.map(str::to_owned),
+        bullet_points: optional_string_list(object, "bullet_points")?,
+        brand: optional_str(object, "brand")?.map(str::to_owned),
+        color: optional_str(object, "color")?.map(str::to_owned),
+        category: optional_str(object, "category")?.map(str::to_owned),
+        attributes: optional_string_map(object, "attributes")?,
+    })
+}
+
+fn query_wire_from_value(object: &Map<String, Value>) -> Result<QueryWire<'_>, InvalidEvent> {
+    Ok(QueryWire {
+        schema_version: optional_u64(object, "schema_version")?,
+        query: optional_str(object, "query")?.map(Cow::Borrowed),
+        product_id: optional_str(object, "product_id")?.map(Cow::Borrowed),
+        locale: optional_str(object, "locale")?.map(Cow::Borrowed),
+        label: optional_str(object, "label")?.map(Cow::Borrowed),
+        action: optional_str(object, "action")?.map(Cow::Borrowed),
+    })
+}
+
+fn check_schema_version(version: Option<u64>) -> Result<(), InvalidEvent> {
+    match version {
+        None => Err(InvalidEvent::new(DeadLetterReason::MissingField, "field `schema_version` is required")),
+        Some(SCHEMA_VERSION) => Ok(()),
+        Some(version) => Err(InvalidEvent::new(
             DeadLetterReason::UnsupportedSchemaVersion,
             format!("schema_version {version} is not supported (this build reads {SCHEMA_VERSION})"),
-        ));
-    }
-    Ok(())
-}
-
-fn decode_product_content(object: &Map<String, Value>, limits: &ValidationLimits) -> Result<ProductContent, InvalidEvent> {
-    let title = required_string(object, "title")?;
-    if title.trim().is_empty() {
-        return Err(InvalidEvent::new(DeadLetterReason::InvalidValue, "field `title` is blank"));
-    }
-    check_length("title", &title, limits.max_title_bytes)?;
-    let locale = optional_locale(object)?;
-    let bounded_text = |field: &str| -> Result<Option<String>, InvalidEvent> {
-        let value = optional_string(object, field)?;
-        if let Some(text) = &value {
-            check_length(field, text, limits.max_text_field_bytes)?;
-        }
-        Ok(value)
-    };
-    let description = bounded_text("description")?;
-    let brand = bounded_text("brand")?;
-    let color = bounded_text("color")?;
-    let category = bounded_text("category")?;
-    let bullet_points = match object.get("bullet_points") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(items)) => {
-            if items.len() > limits.max_list_items {
-                return Err(InvalidEvent::new(
-                    DeadLetterReason::OversizeField,
-                    format!("field `bullet_points` has {} items, limit is {}", items.len(), limits.max_list_items),
-                ));
-            }
-            let mut bullet_points = Vec::with_capacity(items.len());
-            for (index, item) in items.iter().enumerate() {
-                let Value::String(text) = item else {
-                    return Err(InvalidEvent::new(
-                        DeadLetterReason::WrongType,
-                        format!("field `bullet_points[{index}]` must be a string, got {}", json_type_name(item)),
-                    ));
-                };
-                check_length("bullet_points[]", text, limits.max_text_field_bytes)?;
-                bullet_points.push(text.clone());
-            }
-            bullet_points
-        }
-        Some(other) => {
-            return Err(InvalidEvent::new(
-                DeadLetterReason::WrongType,
-                format!("field `bullet_points` must be an array of strings, got {}", json_type_name(other)),
-            ))
-        }
-    };
-    let attributes = match object.get("attributes") {
-        None | Some(Value::Null) => BTreeMap::new(),
-        Some(Value::Object(entries)) => {
-            if entries.len() > limits.max_list_items {
-                return Err(InvalidEvent::new(
-                    DeadLetterReason::OversizeField,
-                    format!("field `attributes` has {} entries, limit is {}", entries.len(), limits.max_list_items),
-                ));
-            }
-            let mut attributes = BTreeMap::new();
-            for (name, value) in entries {
-                let Value::String(text) = value else {
-                    return Err(InvalidEvent::new(
-                        DeadLetterReason::WrongType,
-                        format!("attribute `{name}` must be a string, got {}", json_type_name(value)),
-                    ));
-                };
-                check_length("attributes{}", name, limits.max_text_field_bytes)?;
-                check_length("attributes{}", text, limits.max_text_field_bytes)?;
-                attributes.insert(name.clone(), text.clone());
-            }
-            attributes
-        }
-        Some(other) => {
-            return Err(InvalidEvent::new(
-                DeadLetterReason::WrongType,
-                format!("field `attributes` must be an object of strings, got {}", json_type_name(other)),
-            ))
-        }
-    };
-    Ok(ProductContent { locale, title, description, bullet_points, brand, color, category, attributes })
-}
-
-fn required_string(object: &Map<String, Value>, field: &str) -> Result<String, InvalidEvent> {
-    optional_string(object, field)?
-        .ok_or_else(|| InvalidEvent::new(DeadLetterReason::MissingField, format!("field `{field}` is required")))
-}
-
-fn optional_string(object: &Map<String, Value>, field: &str) -> Result<Option<String>, InvalidEvent> {
-    match object.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(text)) => Ok(Some(text.clone())),
-        Some(other) => Err(InvalidEvent::new(
-            DeadLetterReason::WrongType,
-            format!("field `{field}` must be a string, got {}", json_type_name(other)),
         )),
     }
 }
 
-fn optional_locale(object: &Map<String, Value>) -> Result<Option<String>, InvalidEvent> {
-    let Some(locale) = optional_string(object, "locale")? else {
-        return Ok(None);
-    };
+fn required<T>(field: &str, value: Option<T>) -> Result<T, InvalidEvent> {
+    value.ok_or_else(|| InvalidEvent::new(DeadLetterReason::MissingField, format!("field `{field}` is required")))
+}
+
+fn wrong_type(field: &str, expected: &str, value: &Value) -> InvalidEvent {
+    InvalidEvent::new(
+        DeadLetterReason::WrongType,
+        format!("field `{field}` must be {expected}, got {}", json_type_name(value)),
+    )
+}
+
+fn optional_u64(object: &Map<String, Value>, field: &str) -> Result<Option<u64>, InvalidEvent> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => value.as_u64().map(Some).ok_or_else(|| wrong_type(field, "a non-negative integer", value)),
+    }
+}
+
+fn optional_str<'v>(object: &'v Map<String, Value>, field: &str) -> Result<Option<&'v str>, InvalidEvent> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text)),
+        Some(other) => Err(wrong_type(field, "a string", other)),
+    }
+}
+
+fn optional_string_list(object: &Map<String, Value>, field: &str) -> Result<Option<Vec<String>>, InvalidEvent> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(index, item)| match item {
+                Value::String(text) => Ok(text.clone()),
+                other => Err(wrong_type(&format!("{field}[{index}]"), "a string", other)),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some),
+        Some(other) => Err(wrong_type(field, "an array of strings", other)),
+    }
+}
+
+fn optional_string_map(object: &Map<String, Value>, field: &str) -> Result<Option<BTreeMap<String, String>>, InvalidEvent> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(entries)) => entries
+            .iter()
+            .map(|(name, value)| match value {
+                Value::String(text) => Ok((name.clone(), text.clone())),
+                other => Err(wrong_type(&format!("{field}.{name}"), "a string", other)),
+            })
+            .collect::<Result<BTreeMap<_, _>, _>>()
+            .map(Some),
+        Some(other) => Err(wrong_type(field, "an object of strings", other)),
+    }
+}
+
+fn validate_locale(locale: &str) -> Result<String, InvalidEvent> {
     let well_formed = (2..=16).contains(&locale.len())
         && locale.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_');
     if !well_formed {
@@ -648,7 +703,17 @@ fn optional_locale(object: &Map<String, Value>) -> Result<Option<String>, Invali
             format!("field `locale` {locale:?} must be 2-16 ASCII letters, digits, '-' or '_'"),
         ));
     }
-    Ok(Some(locale.to_ascii_lowercase()))
+    Ok(locale.to_ascii_lowercase())
+}
+
+fn check_item_count(field: &str, count: usize, limits: &ValidationLimits) -> Result<(), InvalidEvent> {
+    if count <= limits.max_list_items {
+        return Ok(());
+    }
+    Err(InvalidEvent::new(
+        DeadLetterReason::OversizeField,
+        format!("field `{field}` has {count} items, limit is {}", limits.max_list_items),
+    ))
 }
 
 fn check_length(field: &str, text: &str, limit: usize) -> Result<(), InvalidEvent> {

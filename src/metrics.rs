@@ -13,7 +13,7 @@ pub const EVENTS_TOTAL: &str = "merge_indexer_events_total";
 pub const DEAD_LETTERS_TOTAL: &str = "merge_indexer_dead_letters_total";
 /// Gauge: high watermark minus the stored next offset, by `topic` and `partition`.
 pub const CONSUMER_LAG_MESSAGES: &str = "merge_indexer_consumer_lag_messages";
-/// Histogram: time to apply one micro-batch (decode, dead letters, RocksDB write).
+/// Histogram: time to write one micro-batch to RocksDB (effects, counters and offsets in one batch).
 pub const BATCH_APPLY_DURATION_SECONDS: &str = "merge_indexer_batch_apply_duration_seconds";
 /// Histogram: events per applied micro-batch.
 pub const BATCH_EVENTS: &str = "merge_indexer_batch_events";
@@ -96,7 +96,7 @@ pub fn describe_metrics() {
     describe_counter!(EVENTS_TOTAL, "Events consumed, by topic and outcome (applied, unchanged, duplicate, dead_lettered).");
     describe_counter!(DEAD_LETTERS_TOTAL, "Events sent to the dead-letter topic, by source topic and reason.");
     describe_gauge!(CONSUMER_LAG_MESSAGES, "High watermark minus the next offset stored in state, by topic and partition.");
-    describe_histogram!(BATCH_APPLY_DURATION_SECONDS, Unit::Seconds, "Time to apply one micro-batch: decode, dead letters, RocksDB write.");
+    describe_histogram!(BATCH_APPLY_DURATION_SECONDS, Unit::Seconds, "Time to write one micro-batch to RocksDB: effects, counters and offsets in one WriteBatch.");
     describe_histogram!(BATCH_EVENTS, "Events per applied micro-batch.");
     describe_counter!(ROCKSDB_WRITE_BYTES_TOTAL, Unit::Bytes, "Bytes written to RocksDB in write batches.");
     describe_gauge!(STATE_PRODUCTS, "Products stored in state.");

@@ -12,7 +12,7 @@
 //! Offsets are also committed to Kafka asynchronously after each batch, only so that standard
 //! lag tools (`kafka-consumer-groups`, Burrow) see the group's progress.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -20,14 +20,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use futures::StreamExt;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::events::{decode_product_event, decode_query_event, InvalidEvent};
+use crate::events::{decode_product_event, decode_query_event, DeadLetterReason, InvalidEvent};
 use crate::kafka::{base_client_config, reliable_producer};
 use crate::metrics as names;
 use crate::state::{ApplyOutcome, DecodedRecord, SourcePosition, SourcedRecord, StateStore};
@@ -71,7 +72,7 @@ impl IngestContext {
                     Offset::Stored
                 }
             };
-            tracing::info!(%topic, partition, ?offset, "partition assigned");
+            tracing::debug!(%topic, partition, ?offset, "partition assigned");
             if let Err(error) = partitions.set_partition_offset(&topic, partition, offset) {
                 tracing::error!(%topic, partition, %error, "setting the start offset failed");
             }
@@ -97,6 +98,7 @@ impl ConsumerContext for IngestContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 metrics::counter!(names::REBALANCES_TOTAL, "kind" => "assign").increment(1);
                 self.position_from_state(partitions);
+                tracing::info!(partitions = pairs.len(), "partitions assigned; positioned at the offsets stored in state");
                 self.assigned.lock().expect("assignment lock").extend(pairs);
                 if cooperative {
                     base_consumer.incremental_assign(partitions)
@@ -108,10 +110,11 @@ impl ConsumerContext for IngestContext {
                 metrics::counter!(names::REBALANCES_TOTAL, "kind" => "revoke").increment(1);
                 let mut assigned = self.assigned.lock().expect("assignment lock");
                 for pair in &pairs {
-                    tracing::info!(topic = %pair.0, partition = pair.1, "partition revoked");
+                    tracing::debug!(topic = %pair.0, partition = pair.1, "partition revoked");
                     assigned.remove(pair);
                 }
                 drop(assigned);
+                tracing::info!(partitions = pairs.len(), "partitions revoked; events of open batches for them are dropped");
                 if cooperative {
                     base_consumer.incremental_unassign(partitions)
                 } else {
@@ -181,6 +184,28 @@ impl RunSummary {
     }
 }
 
+/// A message rejected by validation, with the bytes the dead letter carries.
+struct RejectedMessage {
+    invalid: InvalidEvent,
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+}
+
+/// A consumed message, decoded on receipt.
+struct Received {
+    position: SourcePosition,
+    decoded: Result<DecodedRecord, RejectedMessage>,
+}
+
+/// A batch being written to state on a blocking thread.
+struct InFlightBatch {
+    task: tokio::task::JoinHandle<AppliedBatch>,
+}
+
+/// What the blocking writer hands back: the records, the report, the write's duration and
+/// when it completed.
+type AppliedBatch = (Vec<SourcedRecord>, Result<crate::state::BatchReport, crate::state::StateError>, Duration, Instant);
+
 /// The streaming indexer: one consumer-group member writing one state directory.
 pub struct Indexer {
     consumer: Arc<StreamConsumer<IngestContext>>,
@@ -228,154 +253,233 @@ impl Indexer {
         self.consumer.context().assigned_partitions()
     }
 
+    /// How many assignment changes this member has seen.
+    pub fn rebalance_generation(&self) -> u64 {
+        self.consumer.context().rebalance_generation()
+    }
+
     /// Lag of every assigned partition (blocking: asks the brokers for watermarks).
     pub fn partition_lags(&self) -> anyhow::Result<Vec<PartitionLag>> {
         partition_lags(&self.consumer, &self.state)
     }
 
     /// Consumes and applies batches until `shutdown` turns true or `options` say to stop.
+    ///
+    /// Batches are pipelined one deep: while batch *k* is written to RocksDB on a blocking
+    /// thread, batch *k + 1* is collected, decoded and its dead letters delivered; it is
+    /// written only after batch *k* is. `expected_next` tracks, per partition, the next offset
+    /// state will hold once the in-flight batch lands, so redeliveries are filtered before
+    /// they reach the dead-letter topic.
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>, options: RunOptions) -> anyhow::Result<RunSummary> {
         let started = Instant::now();
         let mut summary = RunSummary::default();
         let (stop_lag_refresher, lag_refresher_stop) = watch::channel(false);
         let lag_task = self.spawn_lag_refresher(lag_refresher_stop);
+        let mut expected_next: HashMap<String, HashMap<i32, i64>> = HashMap::new();
+        let mut in_flight: Option<InFlightBatch> = None;
         let result = loop {
             if *shutdown.borrow() {
                 break Ok(());
             }
-            let (messages, first_received) = tokio::select! {
+            let (received, first_received) = tokio::select! {
                 batch = self.collect_batch() => batch,
                 _ = shutdown.changed() => break Ok(()),
             };
             if summary.first_event_received.is_none() {
                 summary.first_event_received = first_received;
             }
-            if messages.is_empty() {
+            if received.is_empty() {
+                if let Err(error) = self.finish(in_flight.take(), &mut summary).await {
+                    break Err(error);
+                }
                 if options.stop_when_caught_up && self.is_caught_up().await? {
                     break Ok(());
                 }
                 continue;
             }
-            if let Err(error) = self.process_batch(messages, &mut summary, &mut shutdown).await {
+            let prepared = match self.prepare_batch(received, &mut expected_next, &mut summary, &mut shutdown).await {
+                Ok(prepared) => prepared,
+                Err(error) => break Err(error),
+            };
+            if let Err(error) = self.finish(in_flight.take(), &mut summary).await {
                 break Err(error);
             }
-            if let Some(first) = summary.first_event_received {
-                summary.active_seconds = first.elapsed().as_secs_f64();
-            }
             if options.max_batches.is_some_and(|limit| summary.batches >= limit) {
+                // Crash-test stop: the prepared batch is abandoned, as a crash would.
                 break Ok(());
             }
+            in_flight = prepared.map(|records| self.start_apply(records));
         };
+        let finished = self.finish(in_flight.take(), &mut summary).await;
         // Wait for the refresher to finish, so that no clone of the state or the consumer
         // outlives this call (callers reopen the state directory right after).
         let _ = stop_lag_refresher.send(true);
         let _ = lag_task.await;
         summary.elapsed_seconds = started.elapsed().as_secs_f64();
-        result.map(|()| summary)
+        result.and(finished).map(|()| summary)
     }
 
-    /// Collects up to `max_events` messages, closing the batch `max_wait_ms` after the first.
-    /// Returns an empty batch when nothing arrives within one window, and when the first
-    /// message was received.
-    async fn collect_batch(&self) -> (Vec<OwnedMessage>, Option<Instant>) {
+    /// Collects up to `max_events` messages, closing the batch `max_wait_ms` after the first,
+    /// and decodes each on receipt (only rejected messages are copied, for the dead-letter
+    /// topic). Returns an empty batch when nothing arrives within one window, and when the
+    /// first message was received.
+    async fn collect_batch(&self) -> (Vec<Received>, Option<Instant>) {
         let window = Duration::from_millis(self.config.batch.max_wait_ms.max(1));
-        let mut messages = Vec::new();
-        let mut first_received = None;
-        let mut deadline = tokio::time::Instant::now() + window;
-        while messages.len() < self.config.batch.max_events {
-            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
-                Err(_elapsed) => break,
-                Ok(Ok(message)) => {
-                    if first_received.is_none() {
-                        // The window is measured from the first event, not from the poll.
-                        first_received = Some(Instant::now());
-                        deadline = tokio::time::Instant::now() + window;
-                    }
-                    messages.push(message.detach());
-                }
-                Ok(Err(error)) => {
-                    tracing::warn!(%error, "consume error; continuing");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+        let max_events = self.config.batch.max_events.max(1);
+        let mut received = Vec::with_capacity(max_events.min(16_384));
+        let mut stream = self.consumer.stream();
+        // Wait up to one window for the first event...
+        let first = loop {
+            match tokio::time::timeout(window, stream.next()).await {
+                Err(_elapsed) => return (received, None),
+                Ok(Some(Ok(message))) => break message,
+                Ok(Some(Err(error))) => self.pause_after_consume_error(error).await,
+                Ok(None) => return (received, None),
+            }
+        };
+        let first_received = Instant::now();
+        received.push(self.decode(&first));
+        drop(first);
+        // ...then collect until the batch is full or one window after the first event. One
+        // timer per batch; `next()` is cancellation safe, so the timeout loses no message.
+        let collect = async {
+            while received.len() < max_events {
+                match stream.next().await {
+                    Some(Ok(message)) => received.push(self.decode(&message)),
+                    Some(Err(error)) => self.pause_after_consume_error(error).await,
+                    None => break,
                 }
             }
-        }
-        (messages, first_received)
+        };
+        let _ = tokio::time::timeout(window, collect).await;
+        (received, Some(first_received))
     }
 
-    async fn process_batch(
+    async fn pause_after_consume_error(&self, error: KafkaError) {
+        tracing::warn!(%error, "consume error; continuing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    fn decode(&self, message: &BorrowedMessage<'_>) -> Received {
+        let topics = &self.config.kafka.topics;
+        let limits = &self.config.validation;
+        let decoded = if message.topic() == topics.products {
+            decode_product_event(message.key(), message.payload(), limits).map(DecodedRecord::Product)
+        } else {
+            debug_assert_eq!(message.topic(), topics.query_events, "only two topics are subscribed");
+            decode_query_event(message.payload(), limits).map(DecodedRecord::Query)
+        };
+        let position = SourcePosition { topic: message.topic().to_owned(), partition: message.partition(), offset: message.offset() };
+        let decoded = decoded.map_err(|invalid| RejectedMessage {
+            invalid,
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+        });
+        Received { position, decoded }
+    }
+
+    /// Drops events of partitions no longer assigned and redeliveries, delivers the batch's
+    /// dead letters, and returns the records to write (`None` when nothing is left).
+    async fn prepare_batch(
         &self,
-        messages: Vec<OwnedMessage>,
+        received: Vec<Received>,
+        expected_next: &mut HashMap<String, HashMap<i32, i64>>,
         summary: &mut RunSummary,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> anyhow::Result<()> {
-        let started = Instant::now();
+    ) -> anyhow::Result<Option<Vec<SourcedRecord>>> {
         let assigned = self.consumer.context().assigned_partitions();
-        let mut stored_next: HashMap<TopicPartition, Option<i64>> = HashMap::new();
-        let mut records = Vec::with_capacity(messages.len());
+        let assigned: HashSet<(&str, i32)> = assigned.iter().map(|(topic, partition)| (topic.as_str(), *partition)).collect();
+        let mut records = Vec::with_capacity(received.len());
         let mut dead_letters = Vec::new();
-        for message in &messages {
-            let partition_key = (message.topic().to_owned(), message.partition());
-            if !assigned.contains(&partition_key) {
+        let mut duplicates: HashMap<String, u64> = HashMap::new();
+        for Received { position, decoded } in received {
+            if !assigned.contains(&(position.topic.as_str(), position.partition)) {
                 summary.revoked_events_dropped += 1;
                 metrics::counter!(names::REVOKED_EVENTS_DROPPED_TOTAL).increment(1);
                 continue;
             }
-            let next = match stored_next.get(&partition_key) {
-                Some(next) => *next,
-                None => {
-                    let next = self.state.next_offset(&partition_key.0, partition_key.1)?;
-                    stored_next.insert(partition_key.clone(), next);
-                    next
-                }
+            let expected = expected_next.get(position.topic.as_str()).and_then(|partitions| partitions.get(&position.partition));
+            let next = match expected {
+                Some(next) => Some(*next),
+                None => self.state.next_offset(&position.topic, position.partition)?,
             };
-            let position = SourcePosition { topic: partition_key.0, partition: partition_key.1, offset: message.offset() };
-            if next.is_some_and(|next| message.offset() < next) {
-                // Redelivered after a crash or rebalance: already applied, and already
-                // dead-lettered if it was invalid.
-                record_outcome(summary, &position.topic, ApplyOutcome::Duplicate);
+            if next.is_some_and(|next| position.offset < next) {
+                // Redelivered after a crash or rebalance: already applied (or in flight), and
+                // already dead-lettered if it was invalid.
+                *duplicates.entry(position.topic).or_insert(0) += 1;
                 continue;
             }
-            match self.decode(message) {
+            match expected_next.get_mut(position.topic.as_str()) {
+                Some(partitions) => {
+                    partitions.insert(position.partition, position.offset + 1);
+                }
+                None => {
+                    expected_next.insert(position.topic.clone(), HashMap::from([(position.partition, position.offset + 1)]));
+                }
+            }
+            match decoded {
                 Ok(record) => records.push(SourcedRecord { position, record }),
-                Err(invalid) => {
-                    records.push(SourcedRecord { position, record: DecodedRecord::DeadLetter(invalid.reason) });
-                    dead_letters.push((message, invalid));
+                Err(rejected) => {
+                    records.push(SourcedRecord { position: position.clone(), record: DecodedRecord::DeadLetter(rejected.invalid.reason) });
+                    dead_letters.push((position, rejected));
                 }
             }
         }
+        for (topic, count) in duplicates {
+            metrics::counter!(names::EVENTS_TOTAL, "topic" => topic, "outcome" => ApplyOutcome::Duplicate.as_str()).increment(count);
+            *summary.outcomes.entry(ApplyOutcome::Duplicate.as_str()).or_insert(0) += count;
+        }
         self.deliver_dead_letters(&dead_letters, shutdown).await?;
+        Ok((!records.is_empty()).then_some(records))
+    }
+
+    fn start_apply(&self, records: Vec<SourcedRecord>) -> InFlightBatch {
         let state = Arc::clone(&self.state);
         let mapping = self.config.relevance.clone();
-        let batch_records = records.clone();
-        let report = tokio::task::spawn_blocking(move || state.apply_batch(&batch_records, &mapping))
-            .await
-            .context("state writer task panicked")??;
+        let task = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let report = state.apply_batch(&records, &mapping);
+            (records, report, started.elapsed(), Instant::now())
+        });
+        InFlightBatch { task }
+    }
+
+    /// Waits for the in-flight batch, then records its metrics and commits its offsets to
+    /// Kafka (informational).
+    async fn finish(&self, in_flight: Option<InFlightBatch>, summary: &mut RunSummary) -> anyhow::Result<()> {
+        let Some(InFlightBatch { task }) = in_flight else {
+            return Ok(());
+        };
+        let (records, report, write_duration, completed) = task.await.context("state writer task panicked")?;
+        let report = report?;
+        let mut outcome_counts: HashMap<(&str, ApplyOutcome), u64> = HashMap::new();
+        let mut dead_letter_counts: HashMap<(&str, DeadLetterReason), u64> = HashMap::new();
         for (record, outcome) in records.iter().zip(&report.outcomes) {
-            record_outcome(summary, &record.position.topic, *outcome);
+            *outcome_counts.entry((record.position.topic.as_str(), *outcome)).or_insert(0) += 1;
             if let (ApplyOutcome::DeadLettered, DecodedRecord::DeadLetter(reason)) = (outcome, &record.record) {
-                metrics::counter!(names::DEAD_LETTERS_TOTAL, "topic" => record.position.topic.clone(), "reason" => reason.as_str()).increment(1);
+                *dead_letter_counts.entry((record.position.topic.as_str(), *reason)).or_insert(0) += 1;
             }
         }
+        for ((topic, outcome), count) in outcome_counts {
+            metrics::counter!(names::EVENTS_TOTAL, "topic" => topic.to_owned(), "outcome" => outcome.as_str()).increment(count);
+            *summary.outcomes.entry(outcome.as_str()).or_insert(0) += count;
+        }
+        for ((topic, reason), count) in dead_letter_counts {
+            metrics::counter!(names::DEAD_LETTERS_TOTAL, "topic" => topic.to_owned(), "reason" => reason.as_str()).increment(count);
+        }
         summary.batches += 1;
+        if let Some(first) = summary.first_event_received {
+            summary.active_seconds = completed.saturating_duration_since(first).as_secs_f64();
+        }
         metrics::counter!(names::ROCKSDB_WRITE_BYTES_TOTAL).increment(report.write_bytes as u64);
         metrics::histogram!(names::BATCH_EVENTS).record(records.len() as f64);
-        metrics::histogram!(names::BATCH_APPLY_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(names::BATCH_APPLY_DURATION_SECONDS).record(write_duration.as_secs_f64());
         let counts = self.state.counts()?;
         metrics::gauge!(names::STATE_PRODUCTS).set(counts.products as f64);
         metrics::gauge!(names::STATE_JUDGEMENT_PAIRS).set(counts.judgement_pairs as f64);
-        tracing::debug!(events = records.len(), write_bytes = report.write_bytes, dead_letters = dead_letters.len(), "batch applied");
+        tracing::debug!(events = records.len(), write_bytes = report.write_bytes, "batch applied");
         self.commit_to_kafka(&report.next_offsets);
         Ok(())
-    }
-
-    fn decode(&self, message: &OwnedMessage) -> Result<DecodedRecord, InvalidEvent> {
-        let topics = &self.config.kafka.topics;
-        let limits = &self.config.validation;
-        if message.topic() == topics.products {
-            return decode_product_event(message.key(), message.payload(), limits).map(DecodedRecord::Product);
-        }
-        debug_assert_eq!(message.topic(), topics.query_events, "only two topics are subscribed");
-        decode_query_event(message.payload(), limits).map(DecodedRecord::Query)
     }
 
     /// Sends every dead letter and waits for all acknowledgements; retries failed ones with
@@ -383,15 +487,15 @@ impl Indexer {
     /// and will be consumed again).
     async fn deliver_dead_letters(
         &self,
-        dead_letters: &[(&OwnedMessage, InvalidEvent)],
+        dead_letters: &[(SourcePosition, RejectedMessage)],
         shutdown: &mut watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
         let mut pending: Vec<usize> = (0..dead_letters.len()).collect();
         let mut backoff = Duration::from_millis(100);
         while !pending.is_empty() {
             let sends = pending.iter().map(|&index| {
-                let (message, invalid) = &dead_letters[index];
-                self.send_dead_letter(message, invalid)
+                let (position, rejected) = &dead_letters[index];
+                self.send_dead_letter(position, rejected)
             });
             let results = futures::future::join_all(sends).await;
             let mut still_pending = Vec::new();
@@ -415,25 +519,25 @@ impl Indexer {
         Ok(())
     }
 
-    async fn send_dead_letter(&self, message: &OwnedMessage, invalid: &InvalidEvent) -> Result<(), KafkaError> {
-        let partition = message.partition().to_string();
-        let offset = message.offset().to_string();
+    async fn send_dead_letter(&self, position: &SourcePosition, rejected: &RejectedMessage) -> Result<(), KafkaError> {
+        let partition = position.partition.to_string();
+        let offset = position.offset.to_string();
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis()).unwrap_or(0).to_string();
         let headers = OwnedHeaders::new()
-            .insert(Header { key: "reason", value: Some(invalid.reason.as_str()) })
-            .insert(Header { key: "detail", value: Some(invalid.detail.as_str()) })
-            .insert(Header { key: "source_topic", value: Some(message.topic()) })
+            .insert(Header { key: "reason", value: Some(rejected.invalid.reason.as_str()) })
+            .insert(Header { key: "detail", value: Some(rejected.invalid.detail.as_str()) })
+            .insert(Header { key: "source_topic", value: Some(position.topic.as_str()) })
             .insert(Header { key: "source_partition", value: Some(partition.as_str()) })
             .insert(Header { key: "source_offset", value: Some(offset.as_str()) })
             .insert(Header { key: "dead_lettered_at_ms", value: Some(now_ms.as_str()) })
             .insert(Header { key: "indexer_group_id", value: Some(self.config.kafka.group_id.as_str()) });
         let mut record: FutureRecord<'_, [u8], [u8]> =
             FutureRecord::to(&self.config.kafka.topics.dead_letters).headers(headers);
-        if let Some(key) = message.key() {
-            record = record.key(key);
+        if let Some(key) = &rejected.key {
+            record = record.key(key.as_slice());
         }
-        if let Some(payload) = message.payload() {
-            record = record.payload(payload);
+        if let Some(payload) = &rejected.payload {
+            record = record.payload(payload.as_slice());
         }
         self.dead_letter_producer.send(record, Duration::from_secs(30)).await.map(|_| ()).map_err(|(error, _)| error)
     }
@@ -489,11 +593,6 @@ impl Indexer {
             }
         })
     }
-}
-
-fn record_outcome(summary: &mut RunSummary, topic: &str, outcome: ApplyOutcome) {
-    metrics::counter!(names::EVENTS_TOTAL, "topic" => topic.to_owned(), "outcome" => outcome.as_str()).increment(1);
-    *summary.outcomes.entry(outcome.as_str()).or_insert(0) += 1;
 }
 
 fn partition_lags(consumer: &StreamConsumer<IngestContext>, state: &StateStore) -> anyhow::Result<Vec<PartitionLag>> {

@@ -208,6 +208,10 @@ pub fn decode_judgement_key(key: &[u8]) -> Result<JudgementKey, StateError> {
     Ok(JudgementKey { locale, query, product_id })
 }
 
+fn query_event_key(event: &QueryEvent) -> Vec<u8> {
+    judgement_key(event.locale.as_deref().unwrap_or(""), &event.query, &event.product_id)
+}
+
 /// Encodes an offsets key: `topic ‖ 0x00 ‖ partition as i32 BE`.
 pub fn offset_key(topic: &str, partition: i32) -> Vec<u8> {
     let mut key = Vec::with_capacity(topic.len() + 5);
@@ -572,11 +576,15 @@ impl StateStore {
     /// next offset of their partition are skipped as duplicates, so replaying a batch is a no-op.
     pub fn apply_batch(&self, records: &[SourcedRecord], mapping: &RelevanceMapping) -> Result<BatchReport, StateError> {
         let mut pending = PendingBatch::new(self);
+        pending.prefetch_judgements(records)?;
         let mut outcomes = Vec::with_capacity(records.len());
+        // Per-batch tallies, turned into `meta` counter updates once at the end.
+        let mut next_offsets: HashMap<(&str, i32), i64> = HashMap::new();
+        let mut event_tallies: HashMap<(&str, ApplyOutcome), i64> = HashMap::new();
+        let mut dead_letter_tallies: HashMap<DeadLetterReason, i64> = HashMap::new();
         for sourced in records {
             let position = &sourced.position;
-            let partition_key = (position.topic.clone(), position.partition);
-            let next_offset = match pending.next_offsets.get(&partition_key) {
+            let next_offset = match next_offsets.get(&(position.topic.as_str(), position.partition)) {
                 Some(next) => Some(*next),
                 None => self.next_offset(&position.topic, position.partition)?,
             };
@@ -588,14 +596,21 @@ impl StateStore {
                 DecodedRecord::Product(event) => pending.apply_product(event, position)?,
                 DecodedRecord::Query(event) => pending.apply_query(event, mapping)?,
                 DecodedRecord::DeadLetter(reason) => {
-                    pending.add_counter(format!("{DEAD_LETTER_COUNT_PREFIX}{reason}"), 1);
+                    *dead_letter_tallies.entry(*reason).or_insert(0) += 1;
                     ApplyOutcome::DeadLettered
                 }
             };
-            pending.add_counter(format!("{EVENT_COUNT_PREFIX}{}/{}", position.topic, outcome.as_str()), 1);
-            pending.next_offsets.insert(partition_key, position.offset + 1);
+            *event_tallies.entry((position.topic.as_str(), outcome)).or_insert(0) += 1;
+            next_offsets.insert((position.topic.as_str(), position.partition), position.offset + 1);
             outcomes.push(outcome);
         }
+        for ((topic, outcome), count) in event_tallies {
+            pending.add_counter(format!("{EVENT_COUNT_PREFIX}{topic}/{}", outcome.as_str()), count);
+        }
+        for (reason, count) in dead_letter_tallies {
+            pending.add_counter(format!("{DEAD_LETTER_COUNT_PREFIX}{reason}"), count);
+        }
+        pending.next_offsets = next_offsets.into_iter().map(|((topic, partition), next)| ((topic.to_owned(), partition), next)).collect();
         let next_offsets = pending.next_offsets.clone();
         let write_bytes = pending.commit()?;
         Ok(BatchReport { outcomes, write_bytes, next_offsets })
@@ -607,6 +622,7 @@ struct PendingBatch<'store> {
     store: &'store StateStore,
     products: HashMap<String, Option<StoredProduct>>,
     judgements: HashMap<Vec<u8>, JudgementAggregate>,
+    stored_judgements: HashMap<Vec<u8>, Option<JudgementAggregate>>,
     counter_deltas: BTreeMap<String, i64>,
     next_offsets: BTreeMap<(String, i32), i64>,
 }
@@ -617,6 +633,7 @@ impl<'store> PendingBatch<'store> {
             store,
             products: HashMap::new(),
             judgements: HashMap::new(),
+            stored_judgements: HashMap::new(),
             counter_deltas: BTreeMap::new(),
             next_offsets: BTreeMap::new(),
         }
@@ -659,17 +676,47 @@ impl<'store> PendingBatch<'store> {
         }
     }
 
+    /// Reads the stored aggregates of every pair the batch touches with one RocksDB
+    /// `MultiGet` (sorted keys, one pass) instead of a point lookup per event.
+    fn prefetch_judgements(&mut self, records: &[SourcedRecord]) -> Result<(), StateError> {
+        let mut keys: Vec<Vec<u8>> = records
+            .iter()
+            .filter_map(|sourced| match &sourced.record {
+                DecodedRecord::Query(event) => Some(query_event_key(event)),
+                _ => None,
+            })
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let column_family = self.store.column_family(JUDGEMENTS_CF);
+        let values = self.store.database.batched_multi_get_cf(column_family, &keys, true);
+        for (key, value) in keys.into_iter().zip(values) {
+            let stored = match value.map_err(|error| self.store.rocks_error(error))? {
+                Some(bytes) => Some(JudgementAggregate::decode(&bytes)?),
+                None => None,
+            };
+            self.stored_judgements.insert(key, stored);
+        }
+        Ok(())
+    }
+
     fn apply_query(&mut self, event: &QueryEvent, mapping: &RelevanceMapping) -> Result<ApplyOutcome, StateError> {
-        let key = judgement_key(event.locale.as_deref().unwrap_or(""), &event.query, &event.product_id);
+        let key = query_event_key(event);
         let mut aggregate = match self.judgements.get(&key) {
             Some(pending) => *pending,
-            None => match self.store.get(JUDGEMENTS_CF, &key)? {
-                Some(bytes) => JudgementAggregate::decode(&bytes)?,
-                None => {
+            None => {
+                let stored = match self.stored_judgements.get(&key) {
+                    Some(prefetched) => *prefetched,
+                    None => self.store.get(JUDGEMENTS_CF, &key)?.map(|bytes| JudgementAggregate::decode(&bytes)).transpose()?,
+                };
+                stored.unwrap_or_else(|| {
                     self.add_counter(JUDGEMENT_PAIR_COUNT_KEY.into(), 1);
                     JudgementAggregate::default()
-                }
-            },
+                })
+            }
         };
         aggregate.record(event.signal, mapping);
         self.judgements.insert(key, aggregate);
