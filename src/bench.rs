@@ -23,17 +23,17 @@ use crate::synth::{SyntheticCatalog, SyntheticCatalogSpec};
 #[derive(Debug, Args, Clone)]
 pub struct IngestBenchArgs {
     /// Events to produce and consume (synthetic catalog: ~1 product event per 6 query events).
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, default_value_t = 100_000)]
     pub events: usize,
     /// Measurement rounds; each runs the bare loop and the indexer once, on fresh consumer groups.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 3)]
     pub rounds: usize,
     /// fsync the RocksDB WAL on every batch (default: not; see README "Durability").
     #[arg(long)]
     pub sync_writes: bool,
     /// Partitions per topic on the embedded broker. librdkafka's mock broker keeps at most
     /// 5 MiB or 100,000 messages per partition, so large runs need enough partitions.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 8)]
     pub partitions: i32,
     /// Where the benchmark's state directories go (default: a temporary directory).
     #[arg(long)]

@@ -68,6 +68,7 @@ impl CommonArgs {
 /// `run` flags.
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// Flags shared with the other indexing commands.
     #[command(flatten)]
     pub common: CommonArgs,
     /// Exit once every assigned partition is caught up, instead of running until interrupted.
@@ -78,6 +79,7 @@ pub struct RunArgs {
 /// `demo` flags.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
+    /// Flags shared with the other indexing commands.
     #[command(flatten)]
     pub common: CommonArgs,
     /// Products in the synthetic catalog.

@@ -344,6 +344,22 @@ pub struct ProductContent {
     pub attributes: BTreeMap<String, String>,
 }
 
+impl ProductContent {
+    /// A product with only a title; every optional field empty.
+    pub fn with_title(title: impl Into<String>) -> Self {
+        Self {
+            locale: None,
+            title: title.into(),
+            description: None,
+            bullet_points: Vec::new(),
+            brand: None,
+            color: None,
+            category: None,
+            attributes: BTreeMap::new(),
+        }
+    }
+}
+
 /// A decoded `products` message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProductEvent {
@@ -395,7 +411,18 @@ pub struct QueryEvent {
 /// Lower-cases a query and collapses its whitespace, so `"  Red  Shoes "` and `"red shoes"` are
 /// one query (the same normalisation as the ESCI `query_id`).
 pub fn normalize_query(query: &str) -> String {
-    query.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
+    let mut normalized = String::with_capacity(query.len());
+    for word in query.split_whitespace() {
+        if !normalized.is_empty() {
+            normalized.push(' ');
+        }
+        if word.is_ascii() {
+            normalized.extend(word.chars().map(|character| character.to_ascii_lowercase()));
+        } else {
+            normalized.push_str(&word.to_lowercase());
+        }
+    }
+    normalized
 }
 
 /// The fields of a `products` message, typed but not yet validated. Decoded straight from
@@ -901,6 +928,14 @@ mod tests {
             toml::from_str("impression = \"I\"\nclick = \"none\"\nadd_to_cart = \"E\"\npurchase = \"E\"").unwrap();
         assert_eq!(parsed.level_of(InteractionAction::Impression), Some(RelevanceLevel::Irrelevant));
         assert_eq!(parsed.level_of(InteractionAction::Click), None);
+    }
+
+    #[test]
+    fn queries_are_lower_cased_and_whitespace_collapsed() {
+        assert_eq!(normalize_query("  Red \t Shoes\n"), "red shoes");
+        assert_eq!(normalize_query("ÉCHARPE  Homme"), "écharpe homme");
+        assert_eq!(normalize_query("エプソン インク"), "エプソン インク");
+        assert_eq!(normalize_query("   "), "");
     }
 
     #[test]

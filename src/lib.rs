@@ -7,6 +7,8 @@
 //! `datasets` produce synthetic and real (ESCI) event streams; `cli` and `bench` are the
 //! command line. See ARCHITECTURE.md for the whole picture, including the stages to come.
 
+#![warn(missing_docs)]
+
 pub mod bench;
 pub mod cli;
 pub mod config;

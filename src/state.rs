@@ -770,16 +770,7 @@ mod tests {
     }
 
     fn upsert(product_id: &str, title: &str, offset: i64) -> SourcedRecord {
-        let content = ProductContent {
-            locale: None,
-            title: title.into(),
-            description: None,
-            bullet_points: vec![],
-            brand: None,
-            color: None,
-            category: None,
-            attributes: Default::default(),
-        };
+        let content = ProductContent::with_title(title);
         SourcedRecord {
             position: position("products", offset),
             record: DecodedRecord::Product(ProductEvent::Upsert { product_id: product_id.into(), content }),

@@ -24,16 +24,7 @@ fn workload(config: &Config, products: usize, interactions: usize) -> Vec<Outgoi
     let mut messages = Vec::new();
     for index in 0..products {
         let product_id = format!("P{index:05}");
-        let content = ProductContent {
-            locale: None,
-            title: format!("product {index}"),
-            description: None,
-            bullet_points: vec![],
-            brand: None,
-            color: None,
-            category: None,
-            attributes: Default::default(),
-        };
+        let content = ProductContent::with_title(format!("product {index}"));
         messages.push(OutgoingMessage {
             topic: topics.products.clone(),
             key: Some(product_id.clone().into_bytes()),

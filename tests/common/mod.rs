@@ -18,8 +18,7 @@ use tokio::sync::watch;
 
 /// A config for tests: small batches, short windows, unique group.
 pub fn test_config(state_dir: &Path, group_id: &str) -> Config {
-    let mut config = Config::default();
-    config.state_dir = state_dir.to_owned();
+    let mut config = Config { state_dir: state_dir.to_owned(), ..Config::default() };
     config.kafka.group_id = group_id.to_owned();
     config.kafka.embedded_partitions = 3;
     config.batch.max_events = 100;
