@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use rustc_hash::FxHashMap;
 use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -87,7 +88,7 @@ pub struct SourcePosition {
 }
 
 /// A product as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredProduct {
     /// The product's content from its latest upsert.
     pub content: ProductContent,
@@ -95,6 +96,46 @@ pub struct StoredProduct {
     pub content_hash: String,
     /// The message that last changed the product.
     pub updated_by: SourcePosition,
+}
+
+/// The JSON part of a stored product value (after the 32-byte content hash).
+#[derive(Serialize, Deserialize)]
+struct StoredProductBody {
+    content: ProductContent,
+    updated_by: SourcePosition,
+}
+
+/// Bytes of the raw SHA-256 content hash that prefixes every `products` value.
+const CONTENT_HASH_BYTES: usize = 32;
+
+/// Encodes a product value: `sha256(canonical content JSON) ‖ JSON {content, updated_by}`.
+/// The content is serialised once; the hash prefix lets an upsert be compared with the stored
+/// product without parsing it.
+fn encode_product_value(content: &ProductContent, updated_by: &SourcePosition) -> ([u8; CONTENT_HASH_BYTES], Vec<u8>) {
+    let content_json = serde_json::to_vec(content).expect("ProductContent serialises");
+    let hash: [u8; CONTENT_HASH_BYTES] = Sha256::digest(&content_json).into();
+    let position_json = serde_json::to_vec(updated_by).expect("SourcePosition serialises");
+    let mut value = Vec::with_capacity(CONTENT_HASH_BYTES + content_json.len() + position_json.len() + 28);
+    value.extend_from_slice(&hash);
+    value.extend_from_slice(br#"{"content":"#);
+    value.extend_from_slice(&content_json);
+    value.extend_from_slice(br#","updated_by":"#);
+    value.extend_from_slice(&position_json);
+    value.push(b'}');
+    (hash, value)
+}
+
+fn decode_product_value(value: &[u8]) -> Result<StoredProduct, StateError> {
+    let corrupt = |detail: String| StateError::Corrupt { column_family: PRODUCTS_CF, detail };
+    if value.len() < CONTENT_HASH_BYTES {
+        return Err(corrupt(format!("value is {} bytes, shorter than its hash", value.len())));
+    }
+    let body: StoredProductBody = serde_json::from_slice(&value[CONTENT_HASH_BYTES..]).map_err(|error| corrupt(error.to_string()))?;
+    Ok(StoredProduct {
+        content: body.content,
+        content_hash: hex::encode(&value[..CONTENT_HASH_BYTES]),
+        updated_by: body.updated_by,
+    })
 }
 
 /// Everything known about one (locale, query, product) pair.
@@ -232,7 +273,7 @@ fn decode_offset_key(key: &[u8]) -> Result<(String, i32), StateError> {
 }
 
 /// Hex SHA-256 of the canonical JSON of a product's content (fields in declaration order,
-/// attributes sorted): equal content, equal hash.
+/// attributes sorted): equal content, equal hash. The same hash prefixes the stored value.
 pub fn content_hash(content: &ProductContent) -> String {
     let canonical = serde_json::to_vec(content).expect("ProductContent serialises");
     hex::encode(Sha256::digest(&canonical))
@@ -492,12 +533,20 @@ impl StateStore {
 
     /// The stored product, if present.
     pub fn product(&self, product_id: &str) -> Result<Option<StoredProduct>, StateError> {
-        let Some(bytes) = self.get(PRODUCTS_CF, product_id.as_bytes())? else {
+        self.get(PRODUCTS_CF, product_id.as_bytes())?.map(|bytes| decode_product_value(&bytes)).transpose()
+    }
+
+    /// The raw content hash of a stored product, read without decoding the product.
+    fn product_content_hash(&self, product_id: &str) -> Result<Option<[u8; CONTENT_HASH_BYTES]>, StateError> {
+        let column_family = self.column_family(PRODUCTS_CF);
+        let Some(value) = self.database.get_pinned_cf(column_family, product_id.as_bytes()).map_err(|error| self.rocks_error(error))? else {
             return Ok(None);
         };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|error| StateError::Corrupt { column_family: PRODUCTS_CF, detail: error.to_string() })
+        let hash = value.get(..CONTENT_HASH_BYTES).and_then(|prefix| prefix.try_into().ok()).ok_or_else(|| StateError::Corrupt {
+            column_family: PRODUCTS_CF,
+            detail: format!("value of {product_id} is shorter than its hash"),
+        })?;
+        Ok(Some(hash))
     }
 
     /// The aggregate of a (locale, query, product) pair; pass `""` for no locale and the
@@ -512,9 +561,7 @@ impl StateStore {
     pub fn for_each_product(&self, mut visit: impl FnMut(&str, StoredProduct)) -> Result<(), StateError> {
         for entry in self.database.iterator_cf(self.column_family(PRODUCTS_CF), IteratorMode::Start) {
             let (key, value) = entry.map_err(|error| self.rocks_error(error))?;
-            let product: StoredProduct = serde_json::from_slice(&value)
-                .map_err(|error| StateError::Corrupt { column_family: PRODUCTS_CF, detail: error.to_string() })?;
-            visit(&String::from_utf8_lossy(&key), product);
+            visit(&String::from_utf8_lossy(&key), decode_product_value(&value)?);
         }
         Ok(())
     }
@@ -576,13 +623,13 @@ impl StateStore {
     /// next offset of their partition are skipped as duplicates, so replaying a batch is a no-op.
     pub fn apply_batch(&self, records: &[SourcedRecord], mapping: &RelevanceMapping) -> Result<BatchReport, StateError> {
         let mut pending = PendingBatch::new(self);
-        pending.prefetch_judgements(records)?;
+        let mut judgement_keys = pending.prefetch_judgements(records)?;
         let mut outcomes = Vec::with_capacity(records.len());
         // Per-batch tallies, turned into `meta` counter updates once at the end.
         let mut next_offsets: HashMap<(&str, i32), i64> = HashMap::new();
         let mut event_tallies: HashMap<(&str, ApplyOutcome), i64> = HashMap::new();
         let mut dead_letter_tallies: HashMap<DeadLetterReason, i64> = HashMap::new();
-        for sourced in records {
+        for (index, sourced) in records.iter().enumerate() {
             let position = &sourced.position;
             let next_offset = match next_offsets.get(&(position.topic.as_str(), position.partition)) {
                 Some(next) => Some(*next),
@@ -594,7 +641,10 @@ impl StateStore {
             }
             let outcome = match &sourced.record {
                 DecodedRecord::Product(event) => pending.apply_product(event, position)?,
-                DecodedRecord::Query(event) => pending.apply_query(event, mapping)?,
+                DecodedRecord::Query(event) => {
+                    let key = judgement_keys[index].take().unwrap_or_else(|| query_event_key(event));
+                    pending.apply_query(key, event, mapping)?
+                }
                 DecodedRecord::DeadLetter(reason) => {
                     *dead_letter_tallies.entry(*reason).or_insert(0) += 1;
                     ApplyOutcome::DeadLettered
@@ -620,9 +670,10 @@ impl StateStore {
 /// The in-memory overlay of one batch: later records in a batch must see earlier ones' effects.
 struct PendingBatch<'store> {
     store: &'store StateStore,
-    products: HashMap<String, Option<StoredProduct>>,
-    judgements: HashMap<Vec<u8>, JudgementAggregate>,
-    stored_judgements: HashMap<Vec<u8>, Option<JudgementAggregate>>,
+    /// Pending product writes: `Some((content hash, encoded value))`, or `None` for a delete.
+    products: HashMap<String, Option<([u8; CONTENT_HASH_BYTES], Vec<u8>)>>,
+    judgements: FxHashMap<Vec<u8>, JudgementAggregate>,
+    stored_judgements: FxHashMap<Vec<u8>, Option<JudgementAggregate>>,
     counter_deltas: BTreeMap<String, i64>,
     next_offsets: BTreeMap<(String, i32), i64>,
 }
@@ -632,8 +683,8 @@ impl<'store> PendingBatch<'store> {
         Self {
             store,
             products: HashMap::new(),
-            judgements: HashMap::new(),
-            stored_judgements: HashMap::new(),
+            judgements: FxHashMap::default(),
+            stored_judgements: FxHashMap::default(),
             counter_deltas: BTreeMap::new(),
             next_offsets: BTreeMap::new(),
         }
@@ -643,26 +694,26 @@ impl<'store> PendingBatch<'store> {
         *self.counter_deltas.entry(name).or_insert(0) += delta;
     }
 
-    fn current_product(&mut self, product_id: &str) -> Result<Option<StoredProduct>, StateError> {
+    /// The content hash of the product as the batch has it so far (`None`: absent).
+    fn current_product_hash(&mut self, product_id: &str) -> Result<Option<[u8; CONTENT_HASH_BYTES]>, StateError> {
         if let Some(pending) = self.products.get(product_id) {
-            return Ok(pending.clone());
+            return Ok(pending.as_ref().map(|(hash, _)| *hash));
         }
-        self.store.product(product_id)
+        self.store.product_content_hash(product_id)
     }
 
     fn apply_product(&mut self, event: &ProductEvent, position: &SourcePosition) -> Result<ApplyOutcome, StateError> {
-        let existing = self.current_product(event.product_id())?;
+        let existing = self.current_product_hash(event.product_id())?;
         match event {
             ProductEvent::Upsert { product_id, content } => {
-                let hash = content_hash(content);
-                if existing.as_ref().is_some_and(|stored| stored.content_hash == hash) {
+                let (hash, value) = encode_product_value(content, position);
+                if existing == Some(hash) {
                     return Ok(ApplyOutcome::Unchanged);
                 }
                 if existing.is_none() {
                     self.add_counter(PRODUCT_COUNT_KEY.into(), 1);
                 }
-                let stored = StoredProduct { content: content.clone(), content_hash: hash, updated_by: position.clone() };
-                self.products.insert(product_id.clone(), Some(stored));
+                self.products.insert(product_id.clone(), Some((hash, value)));
                 Ok(ApplyOutcome::Applied)
             }
             ProductEvent::Delete { product_id } => {
@@ -677,19 +728,21 @@ impl<'store> PendingBatch<'store> {
     }
 
     /// Reads the stored aggregates of every pair the batch touches with one RocksDB
-    /// `MultiGet` (sorted keys, one pass) instead of a point lookup per event.
-    fn prefetch_judgements(&mut self, records: &[SourcedRecord]) -> Result<(), StateError> {
-        let mut keys: Vec<Vec<u8>> = records
+    /// `MultiGet` (sorted keys, one pass) instead of a point lookup per event. Returns each
+    /// record's judgement key (`None` for non-query records), computed once.
+    fn prefetch_judgements(&mut self, records: &[SourcedRecord]) -> Result<Vec<Option<Vec<u8>>>, StateError> {
+        let record_keys: Vec<Option<Vec<u8>>> = records
             .iter()
-            .filter_map(|sourced| match &sourced.record {
+            .map(|sourced| match &sourced.record {
                 DecodedRecord::Query(event) => Some(query_event_key(event)),
                 _ => None,
             })
             .collect();
+        let mut keys: Vec<&Vec<u8>> = record_keys.iter().flatten().collect();
         keys.sort_unstable();
         keys.dedup();
         if keys.is_empty() {
-            return Ok(());
+            return Ok(record_keys);
         }
         let column_family = self.store.column_family(JUDGEMENTS_CF);
         let values = self.store.database.batched_multi_get_cf(column_family, &keys, true);
@@ -698,13 +751,12 @@ impl<'store> PendingBatch<'store> {
                 Some(bytes) => Some(JudgementAggregate::decode(&bytes)?),
                 None => None,
             };
-            self.stored_judgements.insert(key, stored);
+            self.stored_judgements.insert(key.clone(), stored);
         }
-        Ok(())
+        Ok(record_keys)
     }
 
-    fn apply_query(&mut self, event: &QueryEvent, mapping: &RelevanceMapping) -> Result<ApplyOutcome, StateError> {
-        let key = query_event_key(event);
+    fn apply_query(&mut self, key: Vec<u8>, event: &QueryEvent, mapping: &RelevanceMapping) -> Result<ApplyOutcome, StateError> {
         let mut aggregate = match self.judgements.get(&key) {
             Some(pending) => *pending,
             None => {
@@ -732,10 +784,7 @@ impl<'store> PendingBatch<'store> {
         let products = store.column_family(PRODUCTS_CF);
         for (product_id, stored) in &self.products {
             match stored {
-                Some(stored) => {
-                    let value = serde_json::to_vec(stored).expect("StoredProduct serialises");
-                    batch.put_cf(products, product_id.as_bytes(), value);
-                }
+                Some((_, value)) => batch.put_cf(products, product_id.as_bytes(), value),
                 None => batch.delete_cf(products, product_id.as_bytes()),
             }
         }
@@ -808,6 +857,19 @@ mod tests {
             ClusterBinding::Mismatch { stored_cluster_id: "cluster-a".into(), stored_was_embedded: true }
         );
         assert_eq!(store.counts().unwrap(), StateCounts::default(), "binding keys are not counters");
+    }
+
+    #[test]
+    fn product_values_round_trip_with_their_hash_prefix() {
+        let mut content = ProductContent::with_title("Cast iron pan");
+        content.description = Some("<b>heavy</b> \"quoted\"".into());
+        content.attributes.insert("size".into(), "12in".into());
+        let position = position("products", 41);
+        let (hash, value) = encode_product_value(&content, &position);
+        assert_eq!(hex::encode(hash), content_hash(&content));
+        let decoded = decode_product_value(&value).unwrap();
+        assert_eq!(decoded, StoredProduct { content, content_hash: hex::encode(hash), updated_by: position });
+        assert!(decode_product_value(&value[..10]).is_err());
     }
 
     #[test]

@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::io::Write;
+
 use common::*;
 use merge_indexer::datasets::{default_esci_dir, EsciDataset, ESCI_DIR_ENV};
 
@@ -10,7 +12,12 @@ use merge_indexer::datasets::{default_esci_dir, EsciDataset, ESCI_DIR_ENV};
 async fn esci_products_and_judgements_are_ingested() {
     let esci_dir = default_esci_dir();
     if !esci_dir.join("products.jsonl").exists() {
-        eprintln!("SKIPPED: ESCI data not found at {} (set {ESCI_DIR_ENV} to its folder)", esci_dir.display());
+        // Written to stderr directly so the test harness's output capture does not hide it.
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED esci_products_and_judgements_are_ingested: ESCI data not found at {} (set {ESCI_DIR_ENV} to its folder)",
+            esci_dir.display()
+        );
         return;
     }
     let dataset = EsciDataset::load(&esci_dir).expect("ESCI loads");
