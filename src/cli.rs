@@ -166,6 +166,8 @@ pub struct InspectArgs {
 pub enum BenchCommand {
     /// Ingest throughput against the embedded broker, next to a bare rdkafka consume loop.
     Ingest(crate::bench::IngestBenchArgs),
+    /// Per-event cost of each ingest stage in isolation (decode, state write), no Kafka.
+    Stages(crate::bench::StageBenchArgs),
 }
 
 /// Runs the parsed command line.
@@ -183,6 +185,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             inspect_command(&Config::load(config_file, &overrides)?, arguments.json)
         }
         Command::Bench(BenchCommand::Ingest(arguments)) => crate::bench::ingest_benchmark(Config::load(config_file, &FlagOverrides::default())?, &arguments).await,
+        Command::Bench(BenchCommand::Stages(arguments)) => crate::bench::stage_benchmark(&Config::load(config_file, &FlagOverrides::default())?, &arguments),
     }
 }
 
