@@ -108,10 +108,13 @@ struct StoredProductBody {
 /// Bytes of the raw SHA-256 content hash that prefixes every `products` value.
 const CONTENT_HASH_BYTES: usize = 32;
 
+/// A product value ready to write: its raw content hash and the encoded value.
+type EncodedProduct = ([u8; CONTENT_HASH_BYTES], Vec<u8>);
+
 /// Encodes a product value: `sha256(canonical content JSON) ‖ JSON {content, updated_by}`.
 /// The content is serialised once; the hash prefix lets an upsert be compared with the stored
 /// product without parsing it.
-fn encode_product_value(content: &ProductContent, updated_by: &SourcePosition) -> ([u8; CONTENT_HASH_BYTES], Vec<u8>) {
+fn encode_product_value(content: &ProductContent, updated_by: &SourcePosition) -> EncodedProduct {
     let content_json = serde_json::to_vec(content).expect("ProductContent serialises");
     let hash: [u8; CONTENT_HASH_BYTES] = Sha256::digest(&content_json).into();
     let position_json = serde_json::to_vec(updated_by).expect("SourcePosition serialises");
@@ -670,8 +673,8 @@ impl StateStore {
 /// The in-memory overlay of one batch: later records in a batch must see earlier ones' effects.
 struct PendingBatch<'store> {
     store: &'store StateStore,
-    /// Pending product writes: `Some((content hash, encoded value))`, or `None` for a delete.
-    products: HashMap<String, Option<([u8; CONTENT_HASH_BYTES], Vec<u8>)>>,
+    /// Pending product writes: `Some`, or `None` for a delete.
+    products: HashMap<String, Option<EncodedProduct>>,
     judgements: FxHashMap<Vec<u8>, JudgementAggregate>,
     stored_judgements: FxHashMap<Vec<u8>, Option<JudgementAggregate>>,
     counter_deltas: BTreeMap<String, i64>,
