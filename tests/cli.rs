@@ -1,0 +1,62 @@
+//! The binary end to end: `demo` on the embedded default indexes a synthetic catalog until
+//! caught up, and `inspect --json` reads the state it left, read-only.
+
+use std::process::Command;
+
+fn binary() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_merge-indexer"));
+    command.env("RUST_LOG", "warn");
+    command
+}
+
+#[test]
+fn demo_then_inspect_reports_the_indexed_catalog() {
+    let directory = tempfile::tempdir().unwrap();
+    let state_dir = directory.path().join("state");
+    let state_arg = state_dir.to_str().unwrap();
+    let demo = binary()
+        .args(["demo", "--products", "150", "--queries", "20", "--state-dir", state_arg, "--metrics-addr", "127.0.0.1:0"])
+        .output()
+        .expect("demo runs");
+    let stdout = String::from_utf8_lossy(&demo.stdout);
+    assert!(demo.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&demo.stderr));
+    assert!(stdout.contains("embedded Kafka broker (librdkafka mock cluster) listening on 127.0.0.1:"), "{stdout}");
+    assert!(stdout.contains("caught up:"), "{stdout}");
+    assert!(stdout.contains("products stored: 150"), "{stdout}");
+
+    let inspect = binary().args(["inspect", "--json", "--state-dir", state_arg]).output().expect("inspect runs");
+    assert!(inspect.status.success(), "{}", String::from_utf8_lossy(&inspect.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&inspect.stdout).expect("inspect prints JSON");
+    assert_eq!(report["counts"]["products"], 150);
+    assert_eq!(report["judgement_pairs_without_product"], 0);
+    let dead_letters: i64 = report["counts"]["dead_letters"].as_object().unwrap().values().map(|count| count.as_i64().unwrap()).sum();
+    assert_eq!(dead_letters, 7, "the demo's seven malformed events");
+    let offsets = report["stored_offsets"].as_object().unwrap();
+    assert_eq!(offsets.len(), 8, "4 partitions each of products and query-events");
+    assert!(report["kafka_cluster_id"].as_str().is_some_and(|id| !id.is_empty()));
+
+    // A second demo starts a new embedded broker: the old state (whose events are gone) is
+    // discarded instead of misreading the new cluster's offsets.
+    let again = binary()
+        .args(["demo", "--products", "40", "--queries", "5", "--state-dir", state_arg, "--metrics-addr", "127.0.0.1:0"])
+        .output()
+        .expect("second demo runs");
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert!(again.status.success(), "{stdout}");
+    assert!(stdout.contains("products stored: 40"), "{stdout}");
+}
+
+#[test]
+fn inspect_without_state_is_a_clear_error() {
+    let directory = tempfile::tempdir().unwrap();
+    let output = binary().args(["inspect", "--state-dir", directory.path().to_str().unwrap()]).output().unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("holds no state yet"));
+}
+
+#[test]
+fn produce_without_brokers_is_a_clear_error() {
+    let output = binary().args(["produce", "synthetic"]).output().unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("produce needs --brokers"));
+}
