@@ -15,8 +15,8 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::events::{decode_product_event, decode_query_event};
-use crate::kafka::{base_client_config, produce_all, reliable_producer, EmbeddedBroker};
-use crate::source::{Indexer, RunOptions};
+use crate::kafka::{produce_all, reliable_producer, EmbeddedBroker};
+use crate::source::{consumer_client_config, Indexer, RunOptions};
 use crate::state::{DecodedRecord, SourcePosition, SourcedRecord, StateStore};
 use crate::synth::{SyntheticCatalog, SyntheticCatalogSpec};
 
@@ -111,14 +111,7 @@ pub async fn ingest_benchmark(mut config: Config, arguments: &IngestBenchArgs) -
 /// A consumer-group member with the indexer's consumer settings that only counts messages.
 /// Timed from the first message to the `events`-th, like the indexer.
 async fn bare_consume_rate(config: &Config, bootstrap: &str, group_id: &str, events: usize) -> anyhow::Result<f64> {
-    let mut client_config = base_client_config(&config.kafka, bootstrap)?;
-    client_config
-        .set("group.id", group_id)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed");
-    let consumer: StreamConsumer = client_config.create().context("creating bare consumer")?;
+    let consumer: StreamConsumer = consumer_client_config(&config.kafka, bootstrap, group_id)?.create().context("creating bare consumer")?;
     consumer.subscribe(&[config.kafka.topics.products.as_str(), config.kafka.topics.query_events.as_str()])?;
     let mut received = 0usize;
     let mut payload_bytes = 0usize;

@@ -23,11 +23,12 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaRespErr;
+use rdkafka::config::ClientConfig;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use futures::StreamExt;
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::config::{Config, KafkaConfig};
 use crate::events::{decode_product_event, decode_query_event, DeadLetterReason, InvalidEvent};
 use crate::kafka::{base_client_config, reliable_producer};
 use crate::metrics as names;
@@ -217,22 +218,7 @@ pub struct Indexer {
 impl Indexer {
     /// Connects to `bootstrap_servers` and subscribes to the `products` and `query-events` topics.
     pub fn connect(config: Arc<Config>, state: Arc<StateStore>, bootstrap_servers: &str) -> anyhow::Result<Self> {
-        let mut client_config = base_client_config(&config.kafka, bootstrap_servers)?;
-        client_config
-            .set("group.id", &config.kafka.group_id)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false")
-            .set("isolation.level", "read_committed");
-        // Pass-through properties win over our defaults, except the three exactly-once needs.
-        for (property, value) in config.kafka.resolved_properties()? {
-            if matches!(property.as_str(), "enable.auto.commit" | "enable.auto.offset.store" | "group.id") {
-                tracing::warn!(%property, %value, "ignoring pass-through property the exactly-once design owns");
-                continue;
-            }
-            client_config.set(property, value);
-        }
+        let client_config = consumer_client_config(&config.kafka, bootstrap_servers, &config.kafka.group_id)?;
         let context = IngestContext::new(Arc::clone(&state));
         let consumer: StreamConsumer<IngestContext> =
             client_config.create_with_context(context).context("creating Kafka consumer")?;
@@ -595,6 +581,25 @@ impl Indexer {
     }
 }
 
+/// The indexer's consumer settings (also used by the benchmark's bare consume loop, so both
+/// measure the same client): pass-through properties, then our defaults where the pass-through
+/// leaves them unset, then the settings exactly-once owns, which always win.
+pub fn consumer_client_config(kafka: &KafkaConfig, bootstrap_servers: &str, group_id: &str) -> anyhow::Result<ClientConfig> {
+    let mut client_config = base_client_config(kafka, bootstrap_servers)?;
+    for (property, default) in [("auto.offset.reset", "earliest"), ("enable.partition.eof", "false"), ("isolation.level", "read_committed")] {
+        if client_config.get(property).is_none() {
+            client_config.set(property, default);
+        }
+    }
+    for (property, owned) in [("group.id", group_id), ("enable.auto.commit", "false"), ("enable.auto.offset.store", "false")] {
+        if let Some(value) = client_config.get(property).filter(|value| *value != owned) {
+            tracing::warn!(%property, %value, "ignoring pass-through property the exactly-once design owns");
+        }
+        client_config.set(property, owned);
+    }
+    Ok(client_config)
+}
+
 fn partition_lags(consumer: &StreamConsumer<IngestContext>, state: &StateStore) -> anyhow::Result<Vec<PartitionLag>> {
     let mut lags = Vec::new();
     for (topic, partition) in consumer.context().assigned_partitions() {
@@ -605,4 +610,26 @@ fn partition_lags(consumer: &StreamConsumer<IngestContext>, state: &StateStore) 
         lags.push(PartitionLag { topic, partition, high_watermark, next_offset, lag: (high_watermark - next_offset).max(0) });
     }
     Ok(lags)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exactly_once_settings_win_over_pass_through_and_defaults_yield_to_it() {
+        let mut kafka = KafkaConfig::default();
+        kafka.properties.insert("enable.auto.commit".into(), "true".into());
+        kafka.properties.insert("group.id".into(), "someone-else".into());
+        kafka.properties.insert("isolation.level".into(), "read_uncommitted".into());
+        kafka.properties.insert("security.protocol".into(), "SASL_SSL".into());
+        let client_config = consumer_client_config(&kafka, "broker:9092", "indexer-a").unwrap();
+        assert_eq!(client_config.get("enable.auto.commit"), Some("false"));
+        assert_eq!(client_config.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(client_config.get("group.id"), Some("indexer-a"));
+        assert_eq!(client_config.get("isolation.level"), Some("read_uncommitted"), "pass-through beats our default");
+        assert_eq!(client_config.get("auto.offset.reset"), Some("earliest"));
+        assert_eq!(client_config.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(client_config.get("bootstrap.servers"), Some("broker:9092"));
+    }
 }
