@@ -7,12 +7,13 @@
 #   zlib1g-dev     librdkafka compression
 #   pkg-config     locating the system libraries above
 #   curl           the metrics scrape check
-#   prometheus     promtool, for `promtool check metrics` (only with --with-promtool)
+#   prometheus     promtool, for `promtool check metrics`            (only with --ci)
+#   cmake          building the tansu broker used by the end-to-end test (only with --ci)
 set -euo pipefail
 
 packages=(libclang-dev g++ make libssl-dev zlib1g-dev pkg-config curl)
-if [[ "${1:-}" == "--with-promtool" ]]; then
-  packages+=(prometheus)
+if [[ "${1:-}" == "--ci" ]]; then
+  packages+=(prometheus cmake)
 fi
 
 missing=()

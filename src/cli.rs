@@ -40,6 +40,9 @@ pub enum Command {
     Produce(ProduceArgs),
     /// Print state counts, stored offsets and dead-letter counts of a state directory.
     Inspect(InspectArgs),
+    /// Topic administration.
+    #[command(subcommand)]
+    Topics(TopicsCommand),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -161,6 +164,30 @@ pub struct InspectArgs {
     pub json: bool,
 }
 
+/// Topic administration.
+#[derive(Debug, Subcommand)]
+pub enum TopicsCommand {
+    /// Create the topics of topics/topics.json that do not exist yet (Kafka Admin API).
+    Create(TopicsCreateArgs),
+}
+
+/// `topics create` flags.
+#[derive(Debug, Args)]
+pub struct TopicsCreateArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long)]
+    pub brokers: String,
+    /// Partitions of `products` and `query-events`, overriding the spec's 12.
+    #[arg(long)]
+    pub partitions: Option<i32>,
+    /// Replication factor, overriding the spec's 3 (use 1 on a one-broker cluster).
+    #[arg(long)]
+    pub replication_factor: Option<i32>,
+    /// Accepted for symmetry with the other commands; `topics` does not touch state.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+}
+
 /// Benchmarks.
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -183,6 +210,14 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(arguments) => {
             let overrides = FlagOverrides { state_dir: arguments.state_dir.clone(), ..Default::default() };
             inspect_command(&Config::load(config_file, &overrides)?, arguments.json)
+        }
+        Command::Topics(TopicsCommand::Create(arguments)) => {
+            let config = Config::load(config_file, &FlagOverrides::default())?;
+            let outcomes = crate::topics::create_topics(&config.kafka, &arguments.brokers, arguments.partitions, arguments.replication_factor).await?;
+            for (topic, outcome) in outcomes {
+                println!("{topic}: {outcome:?}");
+            }
+            Ok(())
         }
         Command::Bench(BenchCommand::Ingest(arguments)) => crate::bench::ingest_benchmark(Config::load(config_file, &FlagOverrides::default())?, &arguments).await,
         Command::Bench(BenchCommand::Stages(arguments)) => crate::bench::stage_benchmark(&Config::load(config_file, &FlagOverrides::default())?, &arguments),

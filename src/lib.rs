@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod source;
 pub mod state;
 pub mod synth;
+pub mod topics;
 
 /// The burn backend family this binary was built for (`cuda` with the `cuda` feature, else
 /// the CPU `ndarray` backend); reported in `merge_indexer_build_info`.
