@@ -278,8 +278,12 @@ impl Indexer {
                 if let Err(error) = self.finish(in_flight.take(), &mut summary).await {
                     break Err(error);
                 }
-                if options.stop_when_caught_up && self.is_caught_up().await? {
-                    break Ok(());
+                if options.stop_when_caught_up {
+                    match self.is_caught_up().await {
+                        Ok(true) => break Ok(()),
+                        Ok(false) => {}
+                        Err(error) => break Err(error),
+                    }
                 }
                 continue;
             }
