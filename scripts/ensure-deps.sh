@@ -32,6 +32,6 @@ if ((${#missing[@]})); then
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then
-  echo "cargo not found: install Rust 1.88+ (https://rustup.rs) and re-run" >&2
+  echo "cargo not found: install Rust 1.88+ with rustup and re-run" >&2
   exit 1
 fi
