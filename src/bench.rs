@@ -170,7 +170,7 @@ pub fn stage_benchmark(config: &Config, arguments: &StageBenchArgs) -> anyhow::R
         .collect::<Result<Vec<_>, _>>()?;
     let decode_product_ns = per_event(started, products.len());
     let started = Instant::now();
-    let queries = catalog.query_events.iter().map(|payload| decode_query_event(Some(payload), limits)).collect::<Result<Vec<_>, _>>()?;
+    let queries = catalog.query_events.iter().map(|(_, payload)| decode_query_event(Some(payload), limits)).collect::<Result<Vec<_>, _>>()?;
     let decode_query_ns = per_event(started, queries.len());
 
     let work_dir = tempfile::Builder::new().prefix("merge-indexer-stages-").tempdir()?;

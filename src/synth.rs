@@ -123,8 +123,9 @@ pub struct SyntheticCatalog {
     pub judgements: Vec<SyntheticJudgement>,
     /// Product events, in production order (upserts, updates, deletes, re-upserts).
     pub product_events: Vec<(String, Option<Vec<u8>>)>,
-    /// Query events (judgements and interactions), in production order.
-    pub query_events: Vec<Vec<u8>>,
+    /// Query events (judgements and interactions) as `(query, payload)`, in production order;
+    /// the query is the message key, so one query's signals share a partition.
+    pub query_events: Vec<(String, Vec<u8>)>,
 }
 
 impl SyntheticCatalog {
@@ -162,9 +163,9 @@ impl SyntheticCatalog {
             key: Some(product_id.as_bytes().to_vec()),
             payload: payload.clone(),
         });
-        let queries = self.query_events.iter().map(|payload| OutgoingMessage {
+        let queries = self.query_events.iter().map(|(query, payload)| OutgoingMessage {
             topic: query_events_topic.to_owned(),
-            key: None,
+            key: Some(query.as_bytes().to_vec()),
             payload: Some(payload.clone()),
         });
         products.chain(queries).collect()
@@ -201,7 +202,7 @@ fn random_query_events(
     rng: &mut ChaCha8Rng,
     products: &BTreeMap<String, SyntheticProduct>,
     spec: &SyntheticCatalogSpec,
-) -> (Vec<SyntheticJudgement>, Vec<Vec<u8>>) {
+) -> (Vec<SyntheticJudgement>, Vec<(String, Vec<u8>)>) {
     let all: Vec<&SyntheticProduct> = products.values().collect();
     let mut judgements = Vec::new();
     let mut events = Vec::new();
@@ -235,8 +236,8 @@ fn random_query_events(
             judged.push((candidate.product_id.clone(), level));
         }
         for (product_id, level) in judged {
-            events.push(encode_query_event(&query, Some("us"), &product_id, QuerySignal::Judgement(level)));
-            events.push(encode_query_event(&query, Some("us"), &product_id, QuerySignal::Interaction(InteractionAction::Impression)));
+            events.push((query.clone(), encode_query_event(&query, Some("us"), &product_id, QuerySignal::Judgement(level))));
+            events.push((query.clone(), encode_query_event(&query, Some("us"), &product_id, QuerySignal::Interaction(InteractionAction::Impression))));
             let click_probability = match level {
                 RelevanceLevel::Exact => 0.6,
                 RelevanceLevel::Substitute => 0.3,
@@ -244,9 +245,9 @@ fn random_query_events(
                 RelevanceLevel::Irrelevant => 0.02,
             };
             if rng.random_bool(click_probability) {
-                events.push(encode_query_event(&query, Some("us"), &product_id, QuerySignal::Interaction(InteractionAction::Click)));
+                events.push((query.clone(), encode_query_event(&query, Some("us"), &product_id, QuerySignal::Interaction(InteractionAction::Click))));
                 if level == RelevanceLevel::Exact && rng.random_bool(0.3) {
-                    events.push(encode_query_event(&query, Some("us"), &product_id, QuerySignal::Interaction(InteractionAction::Purchase)));
+                    events.push((query.clone(), encode_query_event(&query, Some("us"), &product_id, QuerySignal::Interaction(InteractionAction::Purchase))));
                 }
             }
             judgements.push(SyntheticJudgement { query: query.clone(), product_id, level });

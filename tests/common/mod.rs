@@ -101,3 +101,17 @@ pub fn read_dead_letters(config: &Config, bootstrap: &str, expected: usize) -> V
     }
     letters
 }
+
+/// High watermark of every partition of `products` and `query-events`.
+pub fn high_watermarks(config: &Config, bootstrap: &str) -> std::collections::BTreeMap<(String, i32), i64> {
+    let consumer: BaseConsumer = base_client_config(&config.kafka, bootstrap).unwrap().create().unwrap();
+    let mut watermarks = std::collections::BTreeMap::new();
+    for topic in [&config.kafka.topics.products, &config.kafka.topics.query_events] {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+        for partition in metadata.topics()[0].partitions() {
+            let (_, high) = consumer.fetch_watermarks(topic, partition.id(), Duration::from_secs(10)).expect("watermarks");
+            watermarks.insert((topic.clone(), partition.id()), high);
+        }
+    }
+    watermarks
+}
