@@ -115,8 +115,7 @@ type EncodedProduct = ([u8; CONTENT_HASH_BYTES], Vec<u8>);
 /// The content is serialised once; the hash prefix lets an upsert be compared with the stored
 /// product without parsing it.
 fn encode_product_value(content: &ProductContent, updated_by: &SourcePosition) -> EncodedProduct {
-    let content_json = serde_json::to_vec(content).expect("ProductContent serialises");
-    let hash: [u8; CONTENT_HASH_BYTES] = Sha256::digest(&content_json).into();
+    let (content_json, hash) = canonical_content(content);
     let position_json = serde_json::to_vec(updated_by).expect("SourcePosition serialises");
     let mut value = Vec::with_capacity(CONTENT_HASH_BYTES + content_json.len() + position_json.len() + 28);
     value.extend_from_slice(&hash);
@@ -278,8 +277,15 @@ fn decode_offset_key(key: &[u8]) -> Result<(String, i32), StateError> {
 /// Hex SHA-256 of the canonical JSON of a product's content (fields in declaration order,
 /// attributes sorted): equal content, equal hash. The same hash prefixes the stored value.
 pub fn content_hash(content: &ProductContent) -> String {
-    let canonical = serde_json::to_vec(content).expect("ProductContent serialises");
-    hex::encode(Sha256::digest(&canonical))
+    hex::encode(canonical_content(content).1)
+}
+
+/// The canonical content JSON and its raw SHA-256, shared by [`content_hash`] and the stored
+/// value's prefix so the two can never disagree.
+fn canonical_content(content: &ProductContent) -> (Vec<u8>, [u8; CONTENT_HASH_BYTES]) {
+    let content_json = serde_json::to_vec(content).expect("ProductContent serialises");
+    let hash = Sha256::digest(&content_json).into();
+    (content_json, hash)
 }
 
 /// What one message amounts to once decoded.
