@@ -12,6 +12,9 @@ use tokio::sync::watch;
 
 use crate::config::{Config, FlagOverrides};
 use crate::datasets::{default_esci_dir, EsciDataset};
+use crate::encoder::cache::EmbeddingPool;
+use crate::encoder::{build_encoder, EncoderKind, TextEncoder};
+use crate::events::ExpectedEmbedding;
 use crate::kafka::{base_client_config, produce_all, reliable_producer, EmbeddedBroker, OutgoingMessage};
 use crate::source::{Indexer, RunOptions, RunSummary};
 use crate::state::{ClusterBinding, StateStore};
@@ -40,6 +43,8 @@ pub enum Command {
     Produce(ProduceArgs),
     /// Print state counts, stored offsets and dead-letter counts of a state directory.
     Inspect(InspectArgs),
+    /// Encode text read from stdin (one text per line) and print one JSON array per line.
+    Embed(EmbedArgs),
     /// Topic administration.
     #[command(subcommand)]
     Topics(TopicsCommand),
@@ -60,11 +65,14 @@ pub struct CommonArgs {
     /// Address of the Prometheus endpoint [default: 127.0.0.1:9898].
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
+    /// Text encoder of the embedding workers [default: hashing; config key encoder.kind].
+    #[arg(long, value_enum)]
+    pub encoder: Option<EncoderKind>,
 }
 
 impl CommonArgs {
     fn overrides(&self) -> FlagOverrides {
-        FlagOverrides { state_dir: self.state_dir.clone(), metrics_addr: self.metrics_addr, brokers: self.brokers.clone() }
+        FlagOverrides { state_dir: self.state_dir.clone(), metrics_addr: self.metrics_addr, brokers: self.brokers.clone(), encoder: self.encoder }
     }
 }
 
@@ -164,6 +172,26 @@ pub struct InspectArgs {
     pub json: bool,
 }
 
+/// `embed` flags.
+#[derive(Debug, Args)]
+pub struct EmbedArgs {
+    /// The encoder [default: the configured one, hashing unless set].
+    #[arg(long, value_enum)]
+    pub encoder: Option<EncoderKind>,
+    /// MiniLM model directory [default: encoder.model_dir, $MERGE_INDEXER_MODEL_DIR or models/all-MiniLM-L6-v2].
+    #[arg(long)]
+    pub model_dir: Option<PathBuf>,
+    /// Texts per encoder call [default: encoder.batch_size].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Render each input line, read as a product JSON event, as product text first.
+    #[arg(long)]
+    pub products: bool,
+    /// Accepted for symmetry with the other commands; `embed` does not touch state.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+}
+
 /// Topic administration.
 #[derive(Debug, Subcommand)]
 pub enum TopicsCommand {
@@ -210,6 +238,10 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(arguments) => {
             let overrides = FlagOverrides { state_dir: arguments.state_dir.clone(), ..Default::default() };
             inspect_command(&Config::load(config_file, &overrides)?, arguments.json)
+        }
+        Command::Embed(arguments) => {
+            let overrides = FlagOverrides { encoder: arguments.encoder, ..Default::default() };
+            embed_command(Config::load(config_file, &overrides)?, &arguments)
         }
         Command::Topics(TopicsCommand::Create(arguments)) => {
             let config = Config::load(config_file, &FlagOverrides::default())?;
@@ -313,24 +345,53 @@ pub fn shutdown_on_signals() -> watch::Receiver<bool> {
     receiver
 }
 
-async fn run_command(config: Config, until_caught_up: bool) -> anyhow::Result<()> {
+/// Loads the configured encoder, makes validation check precomputed vectors against it, and
+/// starts the embedding workers on `state`.
+pub fn start_embedding_workers(config: &mut Config, state: &Arc<StateStore>) -> anyhow::Result<(EmbeddingPool, Arc<dyn TextEncoder>)> {
+    let encoder = build_encoder(&config.encoder)?;
+    config.validation.expected_embedding = Some(ExpectedEmbedding { model_name: encoder.model_name().to_owned(), dimension: encoder.dimension() });
+    println!("encoder: {} ({} dimensions)", encoder.cache_id(), encoder.dimension());
+    let pool = EmbeddingPool::start(state, Arc::clone(&encoder), &config.encoder.text, config.encoder.batch_size, config.encoder.workers)?;
+    Ok((pool, encoder))
+}
+
+async fn run_command(mut config: Config, until_caught_up: bool) -> anyhow::Result<()> {
     crate::metrics::install_exporter(config.metrics_addr)?;
     println!("metrics on http://{}/metrics", config.metrics_addr);
     let endpoint = KafkaEndpoint::from_config(&config)?;
     let state = open_state_for_cluster(&config, &endpoint)?;
+    let (embeddings, _encoder) = start_embedding_workers(&mut config, &state)?;
     let config = Arc::new(config);
-    let indexer = Indexer::connect(Arc::clone(&config), state, &endpoint.bootstrap_servers)?;
+    let indexer = Indexer::connect(Arc::clone(&config), Arc::clone(&state), &endpoint.bootstrap_servers)?;
     let summary = indexer
         .run(shutdown_on_signals(), RunOptions { stop_when_caught_up: until_caught_up, max_batches: None })
-        .await?;
+        .await;
+    let embedded = embeddings.stop();
+    let summary = summary?;
     println!("{}", serde_json::to_string(&summary)?);
+    println!("{}", serde_json::json!({ "embeddings": embedded }));
     Ok(())
 }
 
-async fn demo_command(config: Config, arguments: &DemoArgs) -> anyhow::Result<()> {
+/// Waits until the embedding queue is empty (or `timeout` passes); returns whether it emptied.
+async fn wait_for_embeddings(state: &StateStore, timeout: Duration) -> anyhow::Result<bool> {
+    let started = std::time::Instant::now();
+    loop {
+        if state.embedding_queue_is_empty()? {
+            return Ok(true);
+        }
+        if started.elapsed() > timeout {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn demo_command(mut config: Config, arguments: &DemoArgs) -> anyhow::Result<()> {
     let metrics = crate::metrics::install_exporter(config.metrics_addr)?;
     let endpoint = KafkaEndpoint::from_config(&config)?;
     let state = open_state_for_cluster(&config, &endpoint)?;
+    let (embeddings, encoder) = start_embedding_workers(&mut config, &state)?;
     let spec = SyntheticCatalogSpec { products: arguments.products, queries: arguments.queries, seed: arguments.seed, ..Default::default() };
     let catalog = SyntheticCatalog::generate(&spec);
     let topics = &config.kafka.topics;
@@ -350,6 +411,16 @@ async fn demo_command(config: Config, arguments: &DemoArgs) -> anyhow::Result<()
     let shutdown = shutdown_on_signals();
     let summary = indexer.run(shutdown.clone(), RunOptions { stop_when_caught_up: true, max_batches: None }).await?;
     print_demo_summary(&state, &summary, &indexer)?;
+    let embedding_started = std::time::Instant::now();
+    let drained = wait_for_embeddings(&state, Duration::from_secs(1800)).await?;
+    println!(
+        "  embeddings: {} vectors by {} ({}), queue {} after {:.1} s more",
+        state.count_embeddings(encoder.cache_id())?,
+        encoder.model_name(),
+        encoder.cache_id(),
+        if drained { "empty" } else { "NOT empty" },
+        embedding_started.elapsed().as_secs_f64()
+    );
     let rendered = metrics.render();
     let metric_lines = rendered.lines().filter(|line| !line.starts_with('#')).count();
     println!("metrics: {metric_lines} samples at http://{}/metrics", config.metrics_addr);
@@ -357,6 +428,50 @@ async fn demo_command(config: Config, arguments: &DemoArgs) -> anyhow::Result<()
         println!("indexing continues until Ctrl-C");
         indexer.run(shutdown, RunOptions::default()).await?;
     }
+    embeddings.stop();
+    Ok(())
+}
+
+fn embed_command(mut config: Config, arguments: &EmbedArgs) -> anyhow::Result<()> {
+    use std::io::{BufRead, Write};
+    if let Some(model_dir) = &arguments.model_dir {
+        config.encoder.model_dir = Some(model_dir.clone());
+    }
+    let encoder = build_encoder(&config.encoder)?;
+    let batch_size = arguments.batch_size.unwrap_or(config.encoder.batch_size).max(1);
+    let stdin = std::io::stdin().lock();
+    let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut pending: Vec<String> = Vec::with_capacity(batch_size);
+    let flush = |pending: &mut Vec<String>, stdout: &mut std::io::BufWriter<std::io::StdoutLock<'_>>| -> anyhow::Result<()> {
+        let texts: Vec<&str> = pending.iter().map(String::as_str).collect();
+        for vector in encoder.encode(&texts)? {
+            serde_json::to_writer(&mut *stdout, &vector)?;
+            stdout.write_all(b"\n")?;
+        }
+        pending.clear();
+        Ok(())
+    };
+    for (number, line) in stdin.lines().enumerate() {
+        let line = line.with_context(|| format!("reading stdin line {}", number + 1))?;
+        let text = if arguments.products {
+            let event = crate::events::decode_product_event(None, Some(line.as_bytes()), &config.validation)
+                .map_err(|invalid| anyhow::anyhow!("line {}: {}: {}", number + 1, invalid.reason, invalid.detail))?;
+            match event {
+                crate::events::ProductEvent::Upsert { content, .. } => crate::encoder::product_text(&content, &config.encoder.text),
+                crate::events::ProductEvent::Delete { product_id } => bail!("line {}: delete of {product_id} has no text", number + 1),
+            }
+        } else {
+            line
+        };
+        pending.push(text);
+        if pending.len() >= batch_size {
+            flush(&mut pending, &mut stdout)?;
+        }
+    }
+    if !pending.is_empty() {
+        flush(&mut pending, &mut stdout)?;
+    }
+    stdout.flush()?;
     Ok(())
 }
 
@@ -436,6 +551,10 @@ pub struct InspectReport {
     pub judgement_pairs_by_max_level: std::collections::BTreeMap<String, i64>,
     /// Next offset per `topic/partition`.
     pub stored_offsets: std::collections::BTreeMap<String, i64>,
+    /// Cached vectors per encoder cache id.
+    pub embeddings_by_encoder: std::collections::BTreeMap<String, u64>,
+    /// Products waiting for a vector.
+    pub embedding_queue: u64,
 }
 
 /// Builds the `inspect` report of an open state.
@@ -445,7 +564,10 @@ pub fn inspect_report(state: &StateStore) -> anyhow::Result<InspectReport> {
         let label = aggregate.max_level.map_or("none".to_owned(), |level| level.label().to_owned());
         *by_level.entry(label).or_insert(0) += 1;
     })?;
+    let (embeddings_by_encoder, embedding_queue) = state.embedding_summary()?;
     Ok(InspectReport {
+        embeddings_by_encoder,
+        embedding_queue,
         state_dir: state.path().to_owned(),
         kafka_cluster_id: state.bound_cluster_id()?,
         counts: state.counts()?,
@@ -481,6 +603,10 @@ fn inspect_command(config: &Config, json: bool) -> anyhow::Result<()> {
     println!("dead letters:");
     for (reason, count) in &report.counts.dead_letters {
         println!("  {reason:<40} {count}");
+    }
+    println!("embeddings:       {} products queued", report.embedding_queue);
+    for (cache_id, count) in &report.embeddings_by_encoder {
+        println!("  {cache_id:<40} {count} vectors");
     }
     println!("stored offsets (next to consume):");
     for (partition, next) in &report.stored_offsets {

@@ -10,6 +10,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use crate::encoder::{EncoderConfig, EncoderKind};
 use crate::events::{RelevanceMapping, ValidationLimits};
 use crate::state::StateOptions;
 
@@ -18,7 +19,7 @@ use crate::state::StateOptions;
 pub const ENV_PREFIX: &str = "MERGE_INDEXER_";
 
 /// Top-level keys of [`Config`], the only ones read from the environment.
-const TOP_LEVEL_KEYS: [&str; 7] = ["state_dir", "metrics_addr", "kafka", "batch", "validation", "relevance", "state"];
+const TOP_LEVEL_KEYS: [&str; 8] = ["state_dir", "metrics_addr", "kafka", "batch", "validation", "relevance", "state", "encoder"];
 
 /// The whole configuration.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -38,6 +39,8 @@ pub struct Config {
     pub relevance: RelevanceMapping,
     /// RocksDB options.
     pub state: StateOptions,
+    /// Text encoder and embedding workers.
+    pub encoder: EncoderConfig,
 }
 
 impl Default for Config {
@@ -50,6 +53,7 @@ impl Default for Config {
             validation: ValidationLimits::default(),
             relevance: RelevanceMapping::default(),
             state: StateOptions::default(),
+            encoder: EncoderConfig::default(),
         }
     }
 }
@@ -179,6 +183,9 @@ pub struct FlagOverrides {
     /// `--brokers`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub brokers: Option<String>,
+    /// `--encoder`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encoder: Option<EncoderKind>,
 }
 
 impl Config {
@@ -208,6 +215,9 @@ impl Config {
         }
         if let Some(brokers) = &flags.brokers {
             figment = figment.merge(Serialized::default("kafka.brokers", brokers));
+        }
+        if let Some(encoder) = &flags.encoder {
+            figment = figment.merge(Serialized::default("encoder.kind", encoder));
         }
         let config: Config = figment.extract().map_err(Box::new)?;
         Ok(config)

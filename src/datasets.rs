@@ -143,3 +143,99 @@ impl EsciDataset {
         products.chain(judgements).collect()
     }
 }
+
+/// Environment variable that overrides where the graded ESCI folder is looked for.
+pub const ESCI_GRADED_DIR_ENV: &str = "MERGE_INDEXER_ESCI_GRADED_DIR";
+
+/// The graded ESCI folder: `$MERGE_INDEXER_ESCI_GRADED_DIR`, else `../shared/data/esci-graded`
+/// relative to the crate.
+pub fn default_esci_graded_dir() -> PathBuf {
+    if let Ok(directory) = std::env::var(ESCI_GRADED_DIR_ENV) {
+        return PathBuf::from(directory);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/esci-graded")
+}
+
+/// A product of the graded ESCI folder (`products.jsonl`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct GradedProduct {
+    /// The ASIN (or ISBN-10), as in ESCI.
+    pub product_id: String,
+    /// Always `us` in this folder.
+    pub locale: String,
+    /// Title, never empty.
+    pub title: String,
+    /// Description (may hold HTML), when present.
+    pub description: Option<String>,
+    /// Bullet points as one string, when present.
+    pub bullets: Option<String>,
+    /// Brand, when present.
+    pub brand: Option<String>,
+    /// Colour, when present.
+    pub color: Option<String>,
+}
+
+impl GradedProduct {
+    /// The product as our events carry it.
+    pub fn content(&self) -> ProductContent {
+        let mut content = ProductContent::with_title(self.title.clone());
+        content.locale = Some(self.locale.clone());
+        content.description = self.description.clone().filter(|text| !text.is_empty());
+        content.bullet_points = self.bullets.iter().filter(|text| !text.is_empty()).cloned().collect();
+        content.brand = self.brand.clone().filter(|text| !text.is_empty());
+        content.color = self.color.clone().filter(|text| !text.is_empty());
+        content
+    }
+}
+
+/// One row of `judgments_{train,test}.csv`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct GradedJudgement {
+    /// ESCI query id.
+    pub query_id: String,
+    /// Query text as in ESCI.
+    pub query: String,
+    /// The judged product's id (as in `products.jsonl`).
+    pub product_id: String,
+    /// `E`, `S`, `C` or `I`.
+    pub esci_label: String,
+}
+
+impl GradedJudgement {
+    /// The label as a level (`None` for an unknown letter).
+    pub fn level(&self) -> Option<RelevanceLevel> {
+        RelevanceLevel::from_label(&self.esci_label)
+    }
+}
+
+/// The graded ESCI folder: every product, and the train and test judgements (queries with
+/// their full graded lists).
+#[derive(Debug, Clone)]
+pub struct EsciGraded {
+    /// Products in file order.
+    pub products: Vec<GradedProduct>,
+    /// `judgments_train.csv`.
+    pub train: Vec<GradedJudgement>,
+    /// `judgments_test.csv`.
+    pub test: Vec<GradedJudgement>,
+}
+
+impl EsciGraded {
+    /// Reads `products.jsonl`, `judgments_train.csv` and `judgments_test.csv` from `directory`.
+    pub fn load(directory: &Path) -> anyhow::Result<Self> {
+        let products_path = directory.join("products.jsonl");
+        let text = std::fs::read_to_string(&products_path).with_context(|| format!("reading {}", products_path.display()))?;
+        let products = text
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .enumerate()
+            .map(|(index, line)| serde_json::from_str(line).with_context(|| format!("{} line {}", products_path.display(), index + 1)))
+            .collect::<anyhow::Result<Vec<GradedProduct>>>()?;
+        let read_judgements = |name: &str| -> anyhow::Result<Vec<GradedJudgement>> {
+            let path = directory.join(name);
+            let mut reader = csv::Reader::from_path(&path).with_context(|| format!("opening {}", path.display()))?;
+            reader.deserialize().map(|row| row.with_context(|| format!("reading {}", path.display()))).collect()
+        };
+        Ok(Self { products, train: read_judgements("judgments_train.csv")?, test: read_judgements("judgments_test.csv")? })
+    }
+}

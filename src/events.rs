@@ -199,6 +199,21 @@ pub struct ValidationLimits {
     pub max_list_items: usize,
     /// Longest accepted `query`, in bytes.
     pub max_query_bytes: usize,
+    /// Most components accepted in a precomputed `embedding`.
+    pub max_embedding_dimension: usize,
+    /// The model and dimension precomputed vectors are checked against: set at start-up from
+    /// the configured encoder, not from the config file.
+    #[serde(skip)]
+    pub expected_embedding: Option<ExpectedEmbedding>,
+}
+
+/// The configured encoder's model name and dimension, for checking precomputed vectors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectedEmbedding {
+    /// `embedding_model` value whose vectors are used.
+    pub model_name: String,
+    /// Their required length.
+    pub dimension: usize,
 }
 
 impl Default for ValidationLimits {
@@ -210,6 +225,8 @@ impl Default for ValidationLimits {
             max_text_field_bytes: 64 * 1024,
             max_list_items: 256,
             max_query_bytes: 1024,
+            max_embedding_dimension: 4096,
+            expected_embedding: None,
         }
     }
 }
@@ -247,11 +264,13 @@ pub enum DeadLetterReason {
     KeyMismatch,
     /// A message without payload where one is required.
     EmptyPayload,
+    /// A precomputed `embedding` for the configured `embedding_model` has the wrong dimension.
+    EmbeddingDimensionMismatch,
 }
 
 impl DeadLetterReason {
     /// Every reason, for pre-registering metrics and documenting the topic.
-    pub const ALL: [DeadLetterReason; 14] = [
+    pub const ALL: [DeadLetterReason; 15] = [
         Self::InvalidJson,
         Self::NotAnObject,
         Self::MissingField,
@@ -266,6 +285,7 @@ impl DeadLetterReason {
         Self::AmbiguousQueryEvent,
         Self::KeyMismatch,
         Self::EmptyPayload,
+        Self::EmbeddingDimensionMismatch,
     ];
 
     /// The snake_case name used in headers, metrics and state.
@@ -285,6 +305,7 @@ impl DeadLetterReason {
             Self::AmbiguousQueryEvent => "ambiguous_query_event",
             Self::KeyMismatch => "key_mismatch",
             Self::EmptyPayload => "empty_payload",
+            Self::EmbeddingDimensionMismatch => "embedding_dimension_mismatch",
         }
     }
 
@@ -360,8 +381,17 @@ impl ProductContent {
     }
 }
 
+/// A vector computed by the producer, carried on a product upsert.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrecomputedEmbedding {
+    /// The model that computed it (`embedding_model`).
+    pub model: String,
+    /// The vector.
+    pub vector: Vec<f32>,
+}
+
 /// A decoded `products` message.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ProductEvent {
     /// Insert or replace the product.
     Upsert {
@@ -369,6 +399,9 @@ pub enum ProductEvent {
         product_id: String,
         /// The product's new content.
         content: ProductContent,
+        /// A precomputed vector of the configured encoder model, used instead of encoding
+        /// (vectors of other models are dropped at decoding).
+        embedding: Option<PrecomputedEmbedding>,
     },
     /// Remove the product (explicit `op: delete`, or a Kafka tombstone).
     Delete {
@@ -441,6 +474,8 @@ struct ProductWire {
     color: Option<String>,
     category: Option<String>,
     attributes: Option<BTreeMap<String, String>>,
+    embedding: Option<Vec<f32>>,
+    embedding_model: Option<String>,
 }
 
 /// The fields of a `query-events` message, borrowing from the payload where JSON allows.
@@ -544,6 +579,7 @@ fn validate_product(wire: ProductWire, key: Option<&[u8]>, limits: &ValidationLi
         check_length("attributes{}", name, limits.max_text_field_bytes)?;
         check_length("attributes{}", text, limits.max_text_field_bytes)?;
     }
+    let embedding = validate_embedding(wire.embedding, wire.embedding_model, limits)?;
     let content = ProductContent {
         locale,
         title,
@@ -554,7 +590,53 @@ fn validate_product(wire: ProductWire, key: Option<&[u8]>, limits: &ValidationLi
         category: wire.category,
         attributes,
     };
-    Ok(ProductEvent::Upsert { product_id, content })
+    Ok(ProductEvent::Upsert { product_id, content, embedding })
+}
+
+/// `embedding` and `embedding_model` come together. A vector of the configured model must have
+/// its dimension (else the event is dead-lettered); a vector of another model is dropped (the
+/// product is encoded as usual) and counted.
+fn validate_embedding(
+    vector: Option<Vec<f32>>,
+    model: Option<String>,
+    limits: &ValidationLimits,
+) -> Result<Option<PrecomputedEmbedding>, InvalidEvent> {
+    let (vector, model) = match (vector, model) {
+        (None, None) => return Ok(None),
+        (Some(vector), Some(model)) => (vector, model),
+        (Some(_), None) => return Err(InvalidEvent::new(DeadLetterReason::MissingField, "field `embedding_model` is required with `embedding`")),
+        (None, Some(_)) => return Err(InvalidEvent::new(DeadLetterReason::MissingField, "field `embedding` is required with `embedding_model`")),
+    };
+    if model.trim().is_empty() {
+        return Err(InvalidEvent::new(DeadLetterReason::InvalidValue, "field `embedding_model` is blank"));
+    }
+    if vector.is_empty() {
+        return Err(InvalidEvent::new(DeadLetterReason::InvalidValue, "field `embedding` is empty"));
+    }
+    if vector.len() > limits.max_embedding_dimension {
+        return Err(InvalidEvent::new(
+            DeadLetterReason::OversizeField,
+            format!("field `embedding` has {} components, limit is {}", vector.len(), limits.max_embedding_dimension),
+        ));
+    }
+    if let Some(index) = vector.iter().position(|value| !value.is_finite()) {
+        return Err(InvalidEvent::new(DeadLetterReason::InvalidValue, format!("field `embedding[{index}]` is not a finite f32")));
+    }
+    let Some(expected) = &limits.expected_embedding else {
+        return Ok(Some(PrecomputedEmbedding { model, vector }));
+    };
+    if model != expected.model_name {
+        metrics::counter!(crate::metrics::PRECOMPUTED_EMBEDDINGS_TOTAL, "outcome" => "other_model").increment(1);
+        tracing::debug!(%model, configured = %expected.model_name, "precomputed embedding of another model dropped");
+        return Ok(None);
+    }
+    if vector.len() != expected.dimension {
+        return Err(InvalidEvent::new(
+            DeadLetterReason::EmbeddingDimensionMismatch,
+            format!("`embedding` has {} components; model {model:?} produces {}", vector.len(), expected.dimension),
+        ));
+    }
+    Ok(Some(PrecomputedEmbedding { model, vector }))
 }
 
 fn validate_query(wire: QueryWire<'_>, limits: &ValidationLimits) -> Result<QueryEvent, InvalidEvent> {
@@ -639,7 +721,25 @@ fn product_wire_from_value(object: &Map<String, Value>) -> Result<ProductWire, I
         color: optional_str(object, "color")?.map(str::to_owned),
         category: optional_str(object, "category")?.map(str::to_owned),
         attributes: optional_string_map(object, "attributes")?,
+        embedding: optional_number_list(object, "embedding")?,
+        embedding_model: optional_str(object, "embedding_model")?.map(str::to_owned),
     })
+}
+
+fn optional_number_list(object: &Map<String, Value>, field: &str) -> Result<Option<Vec<f32>>, InvalidEvent> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(index, item)| match item.as_f64() {
+                Some(number) => Ok(number as f32),
+                None => Err(wrong_type(&format!("{field}[{index}]"), "a number", item)),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some),
+        Some(other) => Err(wrong_type(field, "an array of numbers", other)),
+    }
 }
 
 fn query_wire_from_value(object: &Map<String, Value>) -> Result<QueryWire<'_>, InvalidEvent> {
@@ -843,7 +943,7 @@ mod tests {
         };
         let bytes = encode_product_upsert("P1", &content);
         let decoded = decode_product_event(Some(b"P1"), Some(&bytes), &limits()).unwrap();
-        assert_eq!(decoded, ProductEvent::Upsert { product_id: "P1".into(), content });
+        assert_eq!(decoded, ProductEvent::Upsert { product_id: "P1".into(), content, embedding: None });
     }
 
     #[test]

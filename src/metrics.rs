@@ -32,6 +32,16 @@ pub const REVOKED_EVENTS_DROPPED_TOTAL: &str = "merge_indexer_revoked_events_dro
 pub const DEAD_LETTER_DELIVERY_FAILURES_TOTAL: &str = "merge_indexer_dead_letter_delivery_failures_total";
 /// Counter: failed asynchronous offset commits to Kafka (informational commits only).
 pub const KAFKA_COMMIT_FAILURES_TOTAL: &str = "merge_indexer_kafka_commit_failures_total";
+/// Counter: precomputed `embedding`s on product upserts, by `outcome` (used, other_model).
+pub const PRECOMPUTED_EMBEDDINGS_TOTAL: &str = "merge_indexer_precomputed_embeddings_total";
+/// Counter: product texts encoded by the embedding workers, by `encoder` (model name).
+pub const EMBEDDINGS_COMPUTED_TOTAL: &str = "merge_indexer_embeddings_computed_total";
+/// Counter: queued products whose vector was already cached for their content hash.
+pub const EMBEDDING_CACHE_HITS_TOTAL: &str = "merge_indexer_embedding_cache_hits_total";
+/// Gauge: products waiting for a vector (RocksDB's estimate of the queue's keys).
+pub const EMBEDDING_QUEUE_PRODUCTS: &str = "merge_indexer_embedding_queue_products";
+/// Histogram: time to encode one batch of product texts.
+pub const EMBEDDING_BATCH_DURATION_SECONDS: &str = "merge_indexer_embedding_batch_duration_seconds";
 /// Gauge: always 1, with `version` and `backend` labels.
 pub const BUILD_INFO: &str = "merge_indexer_build_info";
 
@@ -40,6 +50,10 @@ pub const BATCH_APPLY_DURATION_BUCKETS: [f64; 14] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 /// Buckets of [`BATCH_EVENTS`]: 1 to 10,000 events.
 pub const BATCH_EVENTS_BUCKETS: [f64; 9] = [1.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0];
+
+/// Buckets of [`EMBEDDING_BATCH_DURATION_SECONDS`]: 1 ms to 60 s.
+pub const EMBEDDING_BATCH_DURATION_BUCKETS: [f64; 14] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0];
 
 /// Errors starting the exporter.
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +72,8 @@ pub enum MetricsError {
 fn builder() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildError> {
     PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(BATCH_APPLY_DURATION_SECONDS.into()), &BATCH_APPLY_DURATION_BUCKETS)?
-        .set_buckets_for_metric(Matcher::Full(BATCH_EVENTS.into()), &BATCH_EVENTS_BUCKETS)
+        .set_buckets_for_metric(Matcher::Full(BATCH_EVENTS.into()), &BATCH_EVENTS_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(EMBEDDING_BATCH_DURATION_SECONDS.into()), &EMBEDDING_BATCH_DURATION_BUCKETS)
 }
 
 /// Installs the global recorder and serves `/metrics` on `addr` (needs a Tokio runtime).
@@ -105,6 +120,11 @@ pub fn describe_metrics() {
     describe_counter!(REVOKED_EVENTS_DROPPED_TOTAL, "Events dropped from an open batch because their partition was revoked.");
     describe_counter!(DEAD_LETTER_DELIVERY_FAILURES_TOTAL, "Failed dead-letter deliveries; the batch is retried.");
     describe_counter!(KAFKA_COMMIT_FAILURES_TOTAL, "Failed asynchronous offset commits to Kafka (informational only).");
+    describe_counter!(PRECOMPUTED_EMBEDDINGS_TOTAL, "Precomputed embeddings on product upserts, by outcome (used, other_model).");
+    describe_counter!(EMBEDDINGS_COMPUTED_TOTAL, "Product texts encoded by the embedding workers, by encoder.");
+    describe_counter!(EMBEDDING_CACHE_HITS_TOTAL, "Queued products whose vector was already cached for their content hash.");
+    describe_gauge!(EMBEDDING_QUEUE_PRODUCTS, "Products waiting for a vector (estimate).");
+    describe_histogram!(EMBEDDING_BATCH_DURATION_SECONDS, Unit::Seconds, "Time to encode one batch of product texts.");
     describe_gauge!(BUILD_INFO, "Build information; always 1.");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "backend" => crate::BACKEND_NAME).set(1.0);
 }

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 
 use rustc_hash::FxHashMap;
 use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB};
@@ -26,8 +27,15 @@ pub const DOCIDS_CF: &str = "docids";
 /// Reserved for DocID assignment: 4 code bytes → `product_id` (the reverse of [`DOCIDS_CF`]).
 pub const DOCID_REVERSE_CF: &str = "docid_reverse";
 
+/// Embedding cache: [`embedding_key`] (encoder cache id, product content hash) → the vector as
+/// little-endian `f32`s.
+pub const EMBEDDINGS_CF: &str = "embeddings";
+/// Products waiting for a vector: `product_id` → the 32-byte content hash to encode.
+pub const EMBEDDING_QUEUE_CF: &str = "embedding_queue";
+
 /// Every column family, in creation order.
-pub const COLUMN_FAMILIES: [&str; 6] = [PRODUCTS_CF, JUDGEMENTS_CF, OFFSETS_CF, META_CF, DOCIDS_CF, DOCID_REVERSE_CF];
+pub const COLUMN_FAMILIES: [&str; 8] =
+    [PRODUCTS_CF, JUDGEMENTS_CF, OFFSETS_CF, META_CF, DOCIDS_CF, DOCID_REVERSE_CF, EMBEDDINGS_CF, EMBEDDING_QUEUE_CF];
 
 /// Version of the on-disk layout, stored under [`FORMAT_VERSION_KEY`] in `meta`.
 pub const FORMAT_VERSION: i64 = 1;
@@ -106,7 +114,62 @@ struct StoredProductBody {
 }
 
 /// Bytes of the raw SHA-256 content hash that prefixes every `products` value.
-const CONTENT_HASH_BYTES: usize = 32;
+pub const CONTENT_HASH_BYTES: usize = 32;
+
+/// A product's raw content hash.
+pub type ContentHash = [u8; CONTENT_HASH_BYTES];
+
+/// The encoder whose vectors state caches: set once at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmbeddingTarget {
+    /// [`crate::encoder::TextEncoder::cache_id`]: the embedding cache's key prefix.
+    pub cache_id: String,
+    /// The `embedding_model` whose precomputed vectors are stored under `cache_id`.
+    pub model_name: String,
+    /// Vector length.
+    pub dimension: usize,
+}
+
+/// Encodes an embedding cache key: `u16 BE len(cache_id) ‖ cache_id ‖ content hash`.
+pub fn embedding_key(cache_id: &str, content_hash: &ContentHash) -> Vec<u8> {
+    debug_assert!(cache_id.len() <= u16::MAX as usize);
+    let mut key = Vec::with_capacity(2 + cache_id.len() + CONTENT_HASH_BYTES);
+    key.extend_from_slice(&(cache_id.len() as u16).to_be_bytes());
+    key.extend_from_slice(cache_id.as_bytes());
+    key.extend_from_slice(content_hash);
+    key
+}
+
+fn embedding_key_prefix(cache_id: &str) -> Vec<u8> {
+    let mut prefix = embedding_key(cache_id, &[0; CONTENT_HASH_BYTES]);
+    prefix.truncate(prefix.len() - CONTENT_HASH_BYTES);
+    prefix
+}
+
+/// A vector as stored: little-endian `f32`s.
+pub fn encode_vector(vector: &[f32]) -> Vec<u8> {
+    vector.iter().flat_map(|value| value.to_le_bytes()).collect()
+}
+
+fn decode_vector(bytes: &[u8]) -> Result<Vec<f32>, StateError> {
+    if bytes.len() % 4 != 0 {
+        return Err(StateError::Corrupt { column_family: EMBEDDINGS_CF, detail: format!("vector of {} bytes", bytes.len()) });
+    }
+    Ok(bytes.chunks_exact(4).map(|chunk| f32::from_le_bytes(chunk.try_into().expect("4 bytes"))).collect())
+}
+
+fn decode_content_hash(bytes: &[u8], column_family: &'static str) -> Result<ContentHash, StateError> {
+    bytes.try_into().map_err(|_| StateError::Corrupt { column_family, detail: format!("content hash of {} bytes", bytes.len()) })
+}
+
+/// One product taken from the embedding queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedProduct {
+    /// The product.
+    pub product_id: String,
+    /// The content hash its vector is wanted for.
+    pub content_hash: ContentHash,
+}
 
 /// A product value ready to write: its raw content hash and the encoded value.
 type EncodedProduct = ([u8; CONTENT_HASH_BYTES], Vec<u8>);
@@ -401,6 +464,10 @@ pub struct StateStore {
     database: DB,
     path: PathBuf,
     write_options_sync: bool,
+    embedding_target: OnceLock<EmbeddingTarget>,
+    /// Serialises the writers that read-then-write the embedding queue (batch apply and the
+    /// embedding workers), so a worker never dequeues an entry a newer upsert replaced.
+    queue_write_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for StateStore {
@@ -430,16 +497,19 @@ impl StateStore {
         });
         let database = DB::open_cf_descriptors(&database_options, path, descriptors)
             .map_err(|source| StateError::Rocks { path: path.to_owned(), source })?;
-        let store = Self { database, path: path.to_owned(), write_options_sync: options.sync_writes };
+        let store = Self::from_database(database, path, options.sync_writes);
         store.check_or_write_format_version()?;
         Ok(store)
     }
 
     /// Opens the state read-only, alongside a running writer (used by `inspect`).
     pub fn open_read_only(path: &Path) -> Result<Self, StateError> {
-        let database = DB::open_cf_for_read_only(&Options::default(), path, COLUMN_FAMILIES, false)
+        // A directory written before a column family existed opens without it.
+        let existing = DB::list_cf(&Options::default(), path).map_err(|source| StateError::Rocks { path: path.to_owned(), source })?;
+        let present = COLUMN_FAMILIES.iter().filter(|name| existing.iter().any(|found| found == *name));
+        let database = DB::open_cf_for_read_only(&Options::default(), path, present, false)
             .map_err(|source| StateError::Rocks { path: path.to_owned(), source })?;
-        let store = Self { database, path: path.to_owned(), write_options_sync: false };
+        let store = Self::from_database(database, path, false);
         if let Some(found) = store.meta_counter(FORMAT_VERSION_KEY)? {
             if found != FORMAT_VERSION {
                 return Err(StateError::FormatVersion { path: path.to_owned(), found });
@@ -448,9 +518,32 @@ impl StateStore {
         Ok(store)
     }
 
+    fn from_database(database: DB, path: &Path, write_options_sync: bool) -> Self {
+        Self { database, path: path.to_owned(), write_options_sync, embedding_target: OnceLock::new(), queue_write_lock: Mutex::new(()) }
+    }
+
     /// The state directory.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Sets the encoder whose precomputed vectors batch apply stores. Once per store; a
+    /// second, different target is refused.
+    pub fn set_embedding_target(&self, target: EmbeddingTarget) -> Result<(), EmbeddingTarget> {
+        match self.embedding_target.set(target) {
+            Ok(()) => Ok(()),
+            Err(target) if self.embedding_target.get() == Some(&target) => Ok(()),
+            Err(target) => Err(target),
+        }
+    }
+
+    /// The encoder set with [`StateStore::set_embedding_target`].
+    pub fn embedding_target(&self) -> Option<&EmbeddingTarget> {
+        self.embedding_target.get()
+    }
+
+    fn try_column_family(&self, name: &'static str) -> Option<&rocksdb::ColumnFamily> {
+        self.database.cf_handle(name)
     }
 
     fn rocks_error(&self, source: rocksdb::Error) -> StateError {
@@ -604,6 +697,156 @@ impl StateStore {
         Ok(missing)
     }
 
+    /// The cached vector of `content_hash` under encoder `cache_id`.
+    pub fn embedding(&self, cache_id: &str, content_hash: &ContentHash) -> Result<Option<Vec<f32>>, StateError> {
+        let Some(column_family) = self.try_column_family(EMBEDDINGS_CF) else {
+            return Ok(None);
+        };
+        let key = embedding_key(cache_id, content_hash);
+        let value = self.database.get_pinned_cf(column_family, key).map_err(|error| self.rocks_error(error))?;
+        value.map(|bytes| decode_vector(&bytes)).transpose()
+    }
+
+    /// The vector of a stored product's current content under encoder `cache_id`, if computed.
+    pub fn product_embedding(&self, product_id: &str, cache_id: &str) -> Result<Option<Vec<f32>>, StateError> {
+        match self.product_content_hash(product_id)? {
+            Some(hash) => self.embedding(cache_id, &hash),
+            None => Ok(None),
+        }
+    }
+
+    /// Vectors cached under encoder `cache_id` (a key scan; for `inspect` and summaries).
+    pub fn count_embeddings(&self, cache_id: &str) -> Result<u64, StateError> {
+        let Some(column_family) = self.try_column_family(EMBEDDINGS_CF) else {
+            return Ok(0);
+        };
+        let prefix = embedding_key_prefix(cache_id);
+        let mut count = 0;
+        for entry in self.database.iterator_cf(column_family, IteratorMode::From(&prefix, rocksdb::Direction::Forward)) {
+            let (key, _) = entry.map_err(|error| self.rocks_error(error))?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// Up to `limit` queued products in key order, starting after `after` (exclusive), keeping
+    /// those `accept` says this worker owns.
+    pub fn embedding_queue_page(&self, after: Option<&str>, limit: usize, accept: impl Fn(&str) -> bool) -> Result<Vec<QueuedProduct>, StateError> {
+        let Some(column_family) = self.try_column_family(EMBEDDING_QUEUE_CF) else {
+            return Ok(Vec::new());
+        };
+        let mode = match after {
+            Some(after) => IteratorMode::From(after.as_bytes(), rocksdb::Direction::Forward),
+            None => IteratorMode::Start,
+        };
+        let mut page = Vec::new();
+        for entry in self.database.iterator_cf(column_family, mode) {
+            if page.len() >= limit {
+                break;
+            }
+            let (key, value) = entry.map_err(|error| self.rocks_error(error))?;
+            let product_id = String::from_utf8_lossy(&key).into_owned();
+            if after.is_some_and(|after| after == product_id) || !accept(&product_id) {
+                continue;
+            }
+            page.push(QueuedProduct { product_id, content_hash: decode_content_hash(&value, EMBEDDING_QUEUE_CF)? });
+        }
+        Ok(page)
+    }
+
+    /// RocksDB's estimate of the queued products (exact after a flush; for the gauge).
+    pub fn embedding_queue_estimate(&self) -> Result<u64, StateError> {
+        let Some(column_family) = self.try_column_family(EMBEDDING_QUEUE_CF) else {
+            return Ok(0);
+        };
+        Ok(self
+            .database
+            .property_int_value_cf(column_family, "rocksdb.estimate-num-keys")
+            .map_err(|error| self.rocks_error(error))?
+            .unwrap_or(0))
+    }
+
+    /// Vectors cached per encoder cache id, and the exact number of queued products (key
+    /// scans; for `inspect`).
+    pub fn embedding_summary(&self) -> Result<(BTreeMap<String, u64>, u64), StateError> {
+        let mut by_encoder: BTreeMap<String, u64> = BTreeMap::new();
+        if let Some(column_family) = self.try_column_family(EMBEDDINGS_CF) {
+            for entry in self.database.iterator_cf(column_family, IteratorMode::Start) {
+                let (key, _) = entry.map_err(|error| self.rocks_error(error))?;
+                let length = key.get(..2).map_or(0, |prefix| u16::from_be_bytes([prefix[0], prefix[1]]) as usize);
+                let cache_id = key.get(2..2 + length).map(String::from_utf8_lossy).unwrap_or_default();
+                *by_encoder.entry(cache_id.into_owned()).or_insert(0) += 1;
+            }
+        }
+        let mut queued = 0;
+        if let Some(column_family) = self.try_column_family(EMBEDDING_QUEUE_CF) {
+            for entry in self.database.iterator_cf(column_family, IteratorMode::Start) {
+                entry.map_err(|error| self.rocks_error(error))?;
+                queued += 1;
+            }
+        }
+        Ok((by_encoder, queued))
+    }
+
+    /// Whether any product is queued (exact).
+    pub fn embedding_queue_is_empty(&self) -> Result<bool, StateError> {
+        Ok(self.embedding_queue_page(None, 1, |_| true)?.is_empty())
+    }
+
+    /// Stores computed vectors and removes their queue entries, in one write. An entry whose
+    /// queued hash changed meanwhile (a newer upsert) stays queued; its vector is still cached
+    /// under the hash it was computed for.
+    pub fn store_embeddings(&self, cache_id: &str, computed: &[(QueuedProduct, Vec<f32>)], cache_hits: &[QueuedProduct]) -> Result<usize, StateError> {
+        let embeddings = self.column_family(EMBEDDINGS_CF);
+        let queue = self.column_family(EMBEDDING_QUEUE_CF);
+        let _exclusive = self.queue_write_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut batch = WriteBatch::default();
+        for (queued, vector) in computed {
+            batch.put_cf(embeddings, embedding_key(cache_id, &queued.content_hash), encode_vector(vector));
+        }
+        let mut dequeued = 0;
+        for queued in computed.iter().map(|(queued, _)| queued).chain(cache_hits) {
+            let current = self.database.get_pinned_cf(queue, queued.product_id.as_bytes()).map_err(|error| self.rocks_error(error))?;
+            if current.as_deref() == Some(queued.content_hash.as_slice()) {
+                batch.delete_cf(queue, queued.product_id.as_bytes());
+                dequeued += 1;
+            }
+        }
+        self.database.write(batch).map_err(|error| self.rocks_error(error))?;
+        Ok(dequeued)
+    }
+
+    /// Queues every stored product whose current content has no vector under `cache_id`: run
+    /// at start-up, it covers a new or changed encoder and state written before the queue
+    /// existed. Returns how many were queued.
+    pub fn enqueue_missing_embeddings(&self, cache_id: &str) -> Result<u64, StateError> {
+        let products = self.column_family(PRODUCTS_CF);
+        let queue = self.column_family(EMBEDDING_QUEUE_CF);
+        let mut missing: Vec<(Vec<u8>, ContentHash)> = Vec::new();
+        for entry in self.database.iterator_cf(products, IteratorMode::Start) {
+            let (key, value) = entry.map_err(|error| self.rocks_error(error))?;
+            let hash = decode_content_hash(value.get(..CONTENT_HASH_BYTES).unwrap_or_default(), PRODUCTS_CF)?;
+            if self.embedding(cache_id, &hash)?.is_none() {
+                missing.push((key.to_vec(), hash));
+            }
+        }
+        let _exclusive = self.queue_write_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut batch = WriteBatch::default();
+        let mut queued = 0;
+        for (product_id, hash) in &missing {
+            // Re-check under the lock: the product may have changed since the scan.
+            if self.product_content_hash(&String::from_utf8_lossy(product_id))? == Some(*hash) {
+                batch.put_cf(queue, product_id, hash);
+                queued += 1;
+            }
+        }
+        self.database.write(batch).map_err(|error| self.rocks_error(error))?;
+        Ok(queued)
+    }
+
     /// The counters kept in `meta`.
     pub fn counts(&self) -> Result<StateCounts, StateError> {
         let mut counts = StateCounts::default();
@@ -685,12 +928,18 @@ struct PendingBatch<'store> {
     stored_judgements: FxHashMap<Vec<u8>, Option<JudgementAggregate>>,
     counter_deltas: BTreeMap<String, i64>,
     next_offsets: BTreeMap<(String, i32), i64>,
+    /// Embedding queue changes: `Some(hash)` to queue, `None` to dequeue.
+    embedding_queue: HashMap<String, Option<ContentHash>>,
+    /// Precomputed vectors to cache: (embedding key, encoded vector).
+    embeddings: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl<'store> PendingBatch<'store> {
     fn new(store: &'store StateStore) -> Self {
         Self {
             store,
+            embedding_queue: HashMap::new(),
+            embeddings: Vec::new(),
             products: HashMap::new(),
             judgements: FxHashMap::default(),
             stored_judgements: FxHashMap::default(),
@@ -714,7 +963,7 @@ impl<'store> PendingBatch<'store> {
     fn apply_product(&mut self, event: &ProductEvent, position: &SourcePosition) -> Result<ApplyOutcome, StateError> {
         let existing = self.current_product_hash(event.product_id())?;
         match event {
-            ProductEvent::Upsert { product_id, content } => {
+            ProductEvent::Upsert { product_id, content, embedding } => {
                 let (hash, value) = encode_product_value(content, position);
                 if existing == Some(hash) {
                     return Ok(ApplyOutcome::Unchanged);
@@ -723,6 +972,17 @@ impl<'store> PendingBatch<'store> {
                     self.add_counter(PRODUCT_COUNT_KEY.into(), 1);
                 }
                 self.products.insert(product_id.clone(), Some((hash, value)));
+                let target = self.store.embedding_target();
+                match (embedding, target) {
+                    (Some(precomputed), Some(target)) if precomputed.model == target.model_name && precomputed.vector.len() == target.dimension => {
+                        metrics::counter!(crate::metrics::PRECOMPUTED_EMBEDDINGS_TOTAL, "outcome" => "used").increment(1);
+                        self.embeddings.push((embedding_key(&target.cache_id, &hash), encode_vector(&precomputed.vector)));
+                        self.embedding_queue.insert(product_id.clone(), None);
+                    }
+                    _ => {
+                        self.embedding_queue.insert(product_id.clone(), Some(hash));
+                    }
+                }
                 Ok(ApplyOutcome::Applied)
             }
             ProductEvent::Delete { product_id } => {
@@ -731,6 +991,7 @@ impl<'store> PendingBatch<'store> {
                 }
                 self.add_counter(PRODUCT_COUNT_KEY.into(), -1);
                 self.products.insert(product_id.clone(), None);
+                self.embedding_queue.insert(product_id.clone(), None);
                 Ok(ApplyOutcome::Applied)
             }
         }
@@ -797,6 +1058,17 @@ impl<'store> PendingBatch<'store> {
                 None => batch.delete_cf(products, product_id.as_bytes()),
             }
         }
+        let queue = store.column_family(EMBEDDING_QUEUE_CF);
+        for (product_id, queued) in &self.embedding_queue {
+            match queued {
+                Some(hash) => batch.put_cf(queue, product_id.as_bytes(), hash),
+                None => batch.delete_cf(queue, product_id.as_bytes()),
+            }
+        }
+        let embeddings = store.column_family(EMBEDDINGS_CF);
+        for (key, vector) in &self.embeddings {
+            batch.put_cf(embeddings, key, vector);
+        }
         let judgements = store.column_family(JUDGEMENTS_CF);
         for (key, aggregate) in &self.judgements {
             batch.put_cf(judgements, key, aggregate.encode());
@@ -813,6 +1085,7 @@ impl<'store> PendingBatch<'store> {
         let write_bytes = batch.size_in_bytes();
         let mut write_options = WriteOptions::default();
         write_options.set_sync(store.write_options_sync);
+        let _exclusive = store.queue_write_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         store.database.write_opt(batch, &write_options).map_err(|error| store.rocks_error(error))?;
         Ok(write_bytes)
     }
@@ -831,7 +1104,7 @@ mod tests {
         let content = ProductContent::with_title(title);
         SourcedRecord {
             position: position("products", offset),
-            record: DecodedRecord::Product(ProductEvent::Upsert { product_id: product_id.into(), content }),
+            record: DecodedRecord::Product(ProductEvent::Upsert { product_id: product_id.into(), content, embedding: None }),
         }
     }
 
