@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# One command on a fresh machine: install what is missing and run the whole test suite.
-# The real-data test reads ../shared/data/esci (or $MERGE_INDEXER_ESCI_DIR) and skips if absent.
+# One command on a fresh machine: install what is missing, fetch the MiniLM weights (cached;
+# see scripts/fetch-minilm.sh) and run the whole test suite.
+# Real-data tests read ../shared/data/esci and ../shared/data/esci-graded (or
+# $MERGE_INDEXER_ESCI_DIR / $MERGE_INDEXER_ESCI_GRADED_DIR) and skip with a message if absent;
+# the MiniLM tests skip with a message if the model could not be fetched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-deps.sh
+if ! scripts/fetch-minilm.sh; then
+  echo "warning: all-MiniLM-L6-v2 could not be fetched; the MiniLM tests will be skipped" >&2
+fi
 exec cargo test --locked -- --test-threads=2

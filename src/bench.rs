@@ -211,3 +211,163 @@ pub fn stage_benchmark(config: &Config, arguments: &StageBenchArgs) -> anyhow::R
     );
     Ok(())
 }
+
+/// `bench encode` flags.
+#[derive(Debug, Args, Clone)]
+pub struct EncodeBenchArgs {
+    /// Encoder to time [default: the configured one].
+    #[arg(long, value_enum)]
+    pub encoder: Option<crate::encoder::EncoderKind>,
+    /// Batch sizes to time, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "32,128")]
+    pub batch_sizes: Vec<usize>,
+    /// Products to encode per batch size (real ESCI products when the graded folder is present,
+    /// else the synthetic catalog).
+    #[arg(long, default_value_t = 512)]
+    pub products: usize,
+}
+
+/// One batch size's numbers.
+#[derive(Debug, Clone, Serialize)]
+pub struct EncodeRound {
+    /// Texts per encoder call.
+    pub batch_size: usize,
+    /// Products encoded.
+    pub products: usize,
+    /// Products per second.
+    pub products_per_second: f64,
+}
+
+/// Product texts for encoder benchmarks and the retrieval check: the graded ESCI products
+/// (title + description) when present, else synthetic products.
+fn benchmark_product_texts(config: &Config, limit: usize) -> anyhow::Result<(Vec<String>, &'static str)> {
+    let directory = crate::datasets::default_esci_graded_dir();
+    if directory.join("products.jsonl").is_file() {
+        let data = crate::datasets::EsciGraded::load(&directory)?;
+        let texts = data.products.iter().take(limit).map(|product| crate::encoder::product_text(&product.content(), &config.encoder.text)).collect();
+        return Ok((texts, "ESCI graded products (title + description)"));
+    }
+    eprintln!("graded ESCI data not found in {}; timing synthetic products instead", directory.display());
+    let spec = SyntheticCatalogSpec { products: limit, queries: 1, judgements_per_query: 1, seed: 7, churn_fraction: 0.0 };
+    let catalog = SyntheticCatalog::generate(&spec);
+    let texts = catalog.products.values().map(|product| crate::encoder::product_text(&product.content, &config.encoder.text)).collect();
+    Ok((texts, "synthetic products"))
+}
+
+/// Times the encoder on product texts at each batch size (after one warm-up batch) and prints
+/// a table and one JSON line.
+pub fn encode_benchmark(mut config: Config, arguments: &EncodeBenchArgs) -> anyhow::Result<()> {
+    if let Some(kind) = arguments.encoder {
+        config.encoder.kind = kind;
+    }
+    let encoder = crate::encoder::build_encoder(&config.encoder)?;
+    let (texts, source) = benchmark_product_texts(&config, arguments.products)?;
+    let mut rounds = Vec::new();
+    for &batch_size in &arguments.batch_sizes {
+        let batch_size = batch_size.max(1);
+        let warm_up: Vec<&str> = texts.iter().take(batch_size).map(String::as_str).collect();
+        encoder.encode(&warm_up)?;
+        let started = Instant::now();
+        for chunk in texts.chunks(batch_size) {
+            let borrowed: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            encoder.encode(&borrowed)?;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let round = EncodeRound { batch_size, products: texts.len(), products_per_second: texts.len() as f64 / seconds.max(1e-9) };
+        println!("{} batch {:>4}: {:>9.1} products/s ({} {source})", encoder.model_name(), batch_size, round.products_per_second, texts.len());
+        rounds.push(round);
+    }
+    println!(
+        "{}",
+        serde_json::json!({ "encoder": encoder.cache_id(), "backend": crate::BACKEND_NAME, "source": source, "rounds": rounds })
+    );
+    Ok(())
+}
+
+/// `bench retrieval` flags.
+#[derive(Debug, Args, Clone)]
+pub struct RetrievalBenchArgs {
+    /// Encoder to evaluate [default: the configured one].
+    #[arg(long, value_enum)]
+    pub encoder: Option<crate::encoder::EncoderKind>,
+    /// Texts per encoder call.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+}
+
+/// Metrics of one split of judged queries.
+#[derive(Debug, Clone, Serialize)]
+pub struct SplitMetrics {
+    /// `test`, `train` or `all`.
+    pub split: &'static str,
+    /// The averages.
+    pub metrics: crate::retrieval_metrics::RetrievalMetrics,
+}
+
+/// Dense retrieval quality of an encoder on the graded ESCI folder: every product (title +
+/// description) and every judged query are encoded once; each query ranks all products by
+/// exact cosine; recall@10/100 and NDCG@100 are averaged over the queries of the test split,
+/// the train split and both. Relevant = E, S or C; NDCG gains E=3, S=2, C=1, I=0. Prints a
+/// table and one JSON line.
+pub fn retrieval_benchmark(mut config: Config, arguments: &RetrievalBenchArgs) -> anyhow::Result<()> {
+    use std::collections::{BTreeMap, HashMap};
+    if let Some(kind) = arguments.encoder {
+        config.encoder.kind = kind;
+    }
+    let directory = crate::datasets::default_esci_graded_dir();
+    anyhow::ensure!(
+        directory.join("products.jsonl").is_file(),
+        "graded ESCI data not found in {} (set {})",
+        directory.display(),
+        crate::datasets::ESCI_GRADED_DIR_ENV
+    );
+    let data = crate::datasets::EsciGraded::load(&directory)?;
+    let encoder = crate::encoder::build_encoder(&config.encoder)?;
+    let started = Instant::now();
+    let product_texts: Vec<String> = data.products.iter().map(|product| crate::encoder::product_text(&product.content(), &config.encoder.text)).collect();
+    let product_vectors = encode_all(encoder.as_ref(), &product_texts, arguments.batch_size)?;
+    let encode_seconds = started.elapsed().as_secs_f64();
+    let product_ids: Vec<&str> = data.products.iter().map(|product| product.product_id.as_str()).collect();
+    let gain_of = |judgement: &crate::datasets::GradedJudgement| match judgement.level() {
+        Some(crate::events::RelevanceLevel::Exact) => 3.0,
+        Some(crate::events::RelevanceLevel::Substitute) => 2.0,
+        Some(crate::events::RelevanceLevel::Complement) => 1.0,
+        _ => 0.0,
+    };
+    let mut results = Vec::new();
+    for (split, judgements) in [("test", data.test.iter().collect::<Vec<_>>()), ("train", data.train.iter().collect()), ("all", data.train.iter().chain(&data.test).collect())] {
+        let mut graded: BTreeMap<&str, HashMap<&str, f64>> = BTreeMap::new();
+        for judgement in judgements {
+            graded.entry(judgement.query.as_str()).or_default().insert(judgement.product_id.as_str(), gain_of(judgement));
+        }
+        let queries: Vec<&str> = graded.keys().copied().collect();
+        let query_texts: Vec<String> = queries.iter().map(|query| query.to_string()).collect();
+        let query_vectors = encode_all(encoder.as_ref(), &query_texts, arguments.batch_size)?;
+        let metrics = crate::retrieval_metrics::evaluate_dense(&query_vectors, &product_vectors, &product_ids, &queries, &graded);
+        println!(
+            "{} on ESCI graded, {split:>5} split ({:>3} queries, {} products): R@10 {:.4}  R@100 {:.4}  NDCG@100 {:.4}",
+            encoder.model_name(),
+            metrics.queries,
+            product_ids.len(),
+            metrics.recall_at_10,
+            metrics.recall_at_100,
+            metrics.ndcg_at_100
+        );
+        results.push(SplitMetrics { split, metrics });
+    }
+    println!("products encoded in {encode_seconds:.1} s ({:.1} products/s)", product_ids.len() as f64 / encode_seconds.max(1e-9));
+    println!(
+        "{}",
+        serde_json::json!({ "encoder": encoder.cache_id(), "backend": crate::BACKEND_NAME, "products": product_ids.len(), "splits": results, "encode_seconds": encode_seconds })
+    );
+    Ok(())
+}
+
+fn encode_all(encoder: &dyn crate::encoder::TextEncoder, texts: &[String], batch_size: usize) -> anyhow::Result<Vec<Vec<f32>>> {
+    let mut vectors = Vec::with_capacity(texts.len());
+    for chunk in texts.chunks(batch_size.max(1)) {
+        let borrowed: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        vectors.extend(encoder.encode(&borrowed)?);
+    }
+    Ok(vectors)
+}

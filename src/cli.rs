@@ -223,6 +223,10 @@ pub enum BenchCommand {
     Ingest(crate::bench::IngestBenchArgs),
     /// Per-event cost of each ingest stage in isolation (decode, state write), no Kafka.
     Stages(crate::bench::StageBenchArgs),
+    /// Encoder throughput (products/s) at several batch sizes.
+    Encode(crate::bench::EncodeBenchArgs),
+    /// Dense retrieval quality (R@10, R@100, NDCG@100) of an encoder on the graded ESCI folder.
+    Retrieval(crate::bench::RetrievalBenchArgs),
 }
 
 /// Runs the parsed command line.
@@ -252,6 +256,8 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(BenchCommand::Ingest(arguments)) => crate::bench::ingest_benchmark(Config::load(config_file, &FlagOverrides::default())?, &arguments).await,
+        Command::Bench(BenchCommand::Encode(arguments)) => crate::bench::encode_benchmark(Config::load(config_file, &FlagOverrides::default())?, &arguments),
+        Command::Bench(BenchCommand::Retrieval(arguments)) => crate::bench::retrieval_benchmark(Config::load(config_file, &FlagOverrides::default())?, &arguments),
         Command::Bench(BenchCommand::Stages(arguments)) => crate::bench::stage_benchmark(&Config::load(config_file, &FlagOverrides::default())?, &arguments),
     }
 }

@@ -17,6 +17,7 @@ pub mod encoder;
 pub mod events;
 pub mod kafka;
 pub mod metrics;
+pub mod retrieval_metrics;
 pub mod source;
 pub mod state;
 pub mod synth;

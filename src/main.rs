@@ -1,6 +1,10 @@
 //! The `merge-indexer` binary: parses the command line and runs it on a Tokio runtime.
 
 use clap::Parser;
+
+/// mimalloc reuses large buffers instead of unmapping them after every tensor (see Cargo.toml).
+#[global_allocator]
+static GLOBAL_ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {

@@ -29,6 +29,12 @@ fn demo_then_inspect_reports_the_indexed_catalog() {
     let report: serde_json::Value = serde_json::from_slice(&inspect.stdout).expect("inspect prints JSON");
     assert_eq!(report["counts"]["products"], 150);
     assert_eq!(report["judgement_pairs_without_product"], 0);
+    // Every stored product got a vector from the default (hashing) encoder, and nothing waits.
+    assert!(stdout.contains("queue empty"), "{stdout}");
+    assert_eq!(report["embedding_queue"], 0);
+    let vectors: Vec<u64> = report["embeddings_by_encoder"].as_object().unwrap().values().map(|count| count.as_u64().unwrap()).collect();
+    assert_eq!(vectors.len(), 1, "one encoder: {}", report["embeddings_by_encoder"]);
+    assert!(vectors[0] >= 150, "at least one vector per stored product: {vectors:?}");
     let dead_letters: i64 = report["counts"]["dead_letters"].as_object().unwrap().values().map(|count| count.as_i64().unwrap()).sum();
     assert_eq!(dead_letters, 7, "the demo's seven malformed events");
     let produced: i64 = stdout
