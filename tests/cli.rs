@@ -72,3 +72,43 @@ fn produce_without_brokers_is_a_clear_error() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("produce needs --brokers"));
 }
+
+#[test]
+fn embed_prints_one_unit_vector_per_input_line_and_nothing_else() {
+    use std::io::Write;
+    let mut child = binary()
+        .args(["embed", "--encoder", "hashing"])
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("embed starts");
+    child.stdin.take().unwrap().write_all(b"red running shoes\nstainless steel saucepan\nred running shoes\n").unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let vectors: Vec<Vec<f32>> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|error| panic!("stdout line is not a JSON array ({error}): {line}")))
+        .collect();
+    assert_eq!(vectors.len(), 3);
+    assert!(vectors.iter().all(|vector| vector.len() == 384));
+    let norm: f32 = vectors[0].iter().map(|value| value * value).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-4);
+    assert_eq!(vectors[0], vectors[2], "same text, same vector");
+    assert_ne!(vectors[0], vectors[1]);
+}
+
+#[test]
+fn embed_with_a_missing_model_is_a_clear_error() {
+    let directory = tempfile::tempdir().unwrap();
+    let output = binary()
+        .args(["embed", "--encoder", "minilm", "--model-dir", directory.path().to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("config.json") && stderr.contains("fetch-minilm.sh"), "{stderr}");
+}
