@@ -13,6 +13,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod datasets;
+pub mod docid;
 pub mod encoder;
 pub mod events;
 pub mod kafka;

@@ -74,6 +74,9 @@ pub enum StateError {
         /// What is wrong with it.
         detail: String,
     },
+    /// A DocID map that would not be one-to-one.
+    #[error("DocID map is not a bijection: {0} appears twice")]
+    NotABijection(String),
     /// The directory was written by an incompatible version.
     #[error("state format version {found} in {path} is not {FORMAT_VERSION}; migrate or use a new state dir")]
     FormatVersion {
@@ -468,6 +471,8 @@ pub struct StateStore {
     /// Serialises the writers that read-then-write the embedding queue (batch apply and the
     /// embedding workers), so a worker never dequeues an entry a newer upsert replaced.
     queue_write_lock: Mutex<()>,
+    /// Serialises DocID writers, so two products can never take the same free DocID.
+    docid_write_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for StateStore {
@@ -519,7 +524,7 @@ impl StateStore {
     }
 
     fn from_database(database: DB, path: &Path, write_options_sync: bool) -> Self {
-        Self { database, path: path.to_owned(), write_options_sync, embedding_target: OnceLock::new(), queue_write_lock: Mutex::new(()) }
+        Self { database, path: path.to_owned(), write_options_sync, embedding_target: OnceLock::new(), queue_write_lock: Mutex::new(()), docid_write_lock: Mutex::new(()) }
     }
 
     /// The state directory.
@@ -845,6 +850,90 @@ impl StateStore {
         }
         self.database.write(batch).map_err(|error| self.rocks_error(error))?;
         Ok(queued)
+    }
+
+    /// The DocID of a product, if assigned.
+    pub fn docid(&self, product_id: &str) -> Result<Option<crate::docid::DocId>, StateError> {
+        Ok(self.get(DOCIDS_CF, product_id.as_bytes())?.map(crate::docid::DocId))
+    }
+
+    /// The product a DocID stands for, if any.
+    pub fn product_for_docid(&self, docid: &crate::docid::DocId) -> Result<Option<String>, StateError> {
+        Ok(self.get(DOCID_REVERSE_CF, docid.as_bytes())?.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()))
+    }
+
+    /// Every (product, DocID) pair, in product order.
+    pub fn docids(&self) -> Result<Vec<(String, crate::docid::DocId)>, StateError> {
+        let mut pairs = Vec::new();
+        for entry in self.database.iterator_cf(self.column_family(DOCIDS_CF), IteratorMode::Start) {
+            let (key, value) = entry.map_err(|error| self.rocks_error(error))?;
+            pairs.push((String::from_utf8_lossy(&key).into_owned(), crate::docid::DocId(value.to_vec())));
+        }
+        Ok(pairs)
+    }
+
+    /// Replaces the whole product ↔ DocID map (after a retrain) in one atomic write: every old
+    /// pair in both directions is removed and the new ones written. Refuses a map that is not a
+    /// bijection.
+    pub fn replace_docids(&self, pairs: &[(String, crate::docid::DocId)]) -> Result<(), StateError> {
+        let mut products = std::collections::HashSet::with_capacity(pairs.len());
+        let mut docids = std::collections::HashSet::with_capacity(pairs.len());
+        for (product_id, docid) in pairs {
+            if !products.insert(product_id.as_str()) || !docids.insert(docid.as_bytes()) {
+                return Err(StateError::NotABijection(format!("{product_id} / {docid}")));
+            }
+        }
+        let forward = self.column_family(DOCIDS_CF);
+        let reverse = self.column_family(DOCID_REVERSE_CF);
+        let _exclusive = self.docid_write_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut batch = WriteBatch::default();
+        for entry in self.database.iterator_cf(forward, IteratorMode::Start) {
+            let (key, value) = entry.map_err(|error| self.rocks_error(error))?;
+            batch.delete_cf(forward, key);
+            batch.delete_cf(reverse, value);
+        }
+        for (product_id, docid) in pairs {
+            batch.put_cf(forward, product_id.as_bytes(), docid.as_bytes());
+            batch.put_cf(reverse, docid.as_bytes(), product_id.as_bytes());
+        }
+        self.database.write(batch).map_err(|error| self.rocks_error(error))
+    }
+
+    /// Gives one new product a DocID between retrains: its quantizer codes if free, else the
+    /// cheapest free last-level code under its prefix, else the overflow rule of
+    /// [`crate::docid::resolve_collisions`]; written in both directions in one atomic write.
+    /// A product that already has a DocID keeps it (idempotent). `None` when the space is full.
+    pub fn assign_docid(
+        &self,
+        product_id: &str,
+        document: &crate::docid::DocumentCodes,
+        space: crate::docid::CodeSpace,
+    ) -> Result<Option<crate::docid::DocId>, StateError> {
+        let _exclusive = self.docid_write_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(existing) = self.docid(product_id)? {
+            return Ok(Some(existing));
+        }
+        let reverse = self.column_family(DOCID_REVERSE_CF);
+        let lookup_failed = std::cell::RefCell::new(None);
+        let is_occupied = |docid: &[u8]| match self.database.get_pinned_cf(reverse, docid) {
+            Ok(found) => found.is_some(),
+            Err(error) => {
+                lookup_failed.borrow_mut().get_or_insert(error);
+                true
+            }
+        };
+        let placed = crate::docid::assign::place_one(document, space, &is_occupied);
+        if let Some(error) = lookup_failed.into_inner() {
+            return Err(self.rocks_error(error));
+        }
+        let Some(codes) = placed else {
+            return Ok(None);
+        };
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.column_family(DOCIDS_CF), product_id.as_bytes(), &codes);
+        batch.put_cf(reverse, &codes, product_id.as_bytes());
+        self.database.write(batch).map_err(|error| self.rocks_error(error))?;
+        Ok(Some(crate::docid::DocId(codes)))
     }
 
     /// The counters kept in `meta`.
