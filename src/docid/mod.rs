@@ -7,5 +7,8 @@
 //! every last-level code — as plain data.
 
 pub mod assign;
+pub mod losses;
+pub mod model;
+pub mod train;
 
 pub use assign::{place_one, resolve_collisions, sinkhorn_plan, AssignmentError, AssignmentReport, CodeSpace, DocId, DocumentCodes, SinkhornConfig};

@@ -1,0 +1,482 @@
+//! Training the RQ-VAE with MERGE's losses: relevance-aware batches, k-means++ codebook
+//! initialisation, AdamW steps, then codes for every document, collision resolution and the
+//! report (`train-docids`).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use burn::config::Config;
+use burn::module::AutodiffModule;
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+use rand::seq::{IndexedRandom, SliceRandom};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::assign::{resolve_collisions, AssignmentReport, CodeSpace, DocId, DocumentCodes, SinkhornConfig};
+use super::losses::{alignment_loss, inner_loss, outer_loss, reconstruction_loss, relevance_loss, rq_loss, AlignmentQuery, TripletMetric};
+use super::model::{squared_distances, RqVae, RqVaeConfig};
+
+/// Which losses train the model (the paper's ablations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Variant {
+    /// All losses.
+    Merge,
+    /// L_recon + L_rq only.
+    Vanilla,
+    /// Without L_align.
+    NoAlign,
+    /// Without L_outer (β = 0 at every level).
+    NoOuter,
+    /// Without L_inner (β = 1 at every level).
+    NoInner,
+}
+
+/// Training settings (paper defaults); saved with the model.
+#[derive(Config, Debug)]
+pub struct DocIdTrainingConfig {
+    /// The model.
+    pub model: RqVaeConfig,
+    /// Loss variant.
+    #[config(default = "Variant::Merge")]
+    pub variant: Variant,
+    /// α of L_rq.
+    #[config(default = 1.0)]
+    pub alpha: f64,
+    /// β_l per level.
+    #[config(default = "vec![1.0, 0.75, 0.5, 0.25]")]
+    pub betas: Vec<f64>,
+    /// λ1 (L_align).
+    #[config(default = 0.01)]
+    pub lambda_align: f64,
+    /// λ2 (L_rel).
+    #[config(default = 0.001)]
+    pub lambda_relevance: f64,
+    /// InfoNCE temperature τ.
+    #[config(default = 0.7)]
+    pub temperature: f64,
+    /// Triplet margin γ.
+    #[config(default = 0.2)]
+    pub margin: f64,
+    /// Triplet closeness.
+    #[config(default = "TripletMetric::Cosine")]
+    pub triplet_metric: TripletMetric,
+    /// AdamW learning rate.
+    #[config(default = 1e-3)]
+    pub learning_rate: f64,
+    /// Anchor documents per batch.
+    #[config(default = 2048)]
+    pub batch_size: usize,
+    /// Passes over the anchor documents.
+    #[config(default = 300)]
+    pub epochs: usize,
+    /// Seed of sampling and initialisation.
+    #[config(default = 7)]
+    pub seed: u64,
+}
+
+impl DocIdTrainingConfig {
+    fn effective_betas(&self) -> Vec<f64> {
+        let levels = self.model.levels;
+        let beta = |level: usize| self.betas.get(level).copied().unwrap_or(*self.betas.last().unwrap_or(&0.5));
+        (0..levels)
+            .map(|level| match self.variant {
+                Variant::NoOuter => 0.0,
+                Variant::NoInner => 1.0,
+                _ => beta(level),
+            })
+            .collect()
+    }
+}
+
+/// Graded documents of one training query (indices into the document list).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrainingQuery {
+    /// `(level, documents)`: 0 = I, 1 = C, 2 = S, 3 = E.
+    pub levels: Vec<(usize, Vec<usize>)>,
+}
+
+/// Mean loss terms of one epoch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct LossTerms {
+    /// L_recon.
+    pub reconstruction: f64,
+    /// L_rq.
+    pub rq: f64,
+    /// L_align (unweighted).
+    pub align: f64,
+    /// L_rel (unweighted).
+    pub relevance: f64,
+    /// The weighted total.
+    pub total: f64,
+}
+
+/// The training report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DocIdReport {
+    /// Settings.
+    pub variant: Variant,
+    /// Loss terms of each epoch.
+    pub losses_per_epoch: Vec<LossTerms>,
+    /// Documents sharing their quantizer code with another, before resolution.
+    pub collisions_before: usize,
+    /// After resolution (0).
+    pub collisions_after: usize,
+    /// Resolution details.
+    pub assignment: AssignmentReport,
+    /// Distinct codes used per level ÷ codebook size.
+    pub utilisation_per_level: Vec<f64>,
+    /// Perplexity of code usage per level.
+    pub perplexity_per_level: Vec<f64>,
+    /// Paper Table 3: mean over queries of the number of distinct tokens per level among the
+    /// query's relevant (E/S/C) documents; lower = relevant documents share more of their DocID.
+    pub unique_tokens_per_layer: Vec<f64>,
+    /// Seconds per training step (mean).
+    pub seconds_per_step: f64,
+}
+
+/// One training batch: rows, and the relevance structure in row indices.
+struct Batch {
+    documents: Vec<usize>,
+    pairs: Vec<(usize, usize)>,
+    triplets: Vec<(usize, usize, usize)>,
+    alignment: Vec<AlignmentQuery>,
+}
+
+/// Builds a batch from anchor documents: each anchor with a training query samples one query,
+/// one other relevant document of it (the InfoNCE pair) and, where the query has a lower level,
+/// a triplet (anchor, another document of the anchor's level, a document of a lower level; I
+/// counts as the lowest). Rows are the anchors and the sampled documents, each once, through an
+/// explicit document → row map.
+fn build_batch(anchors: &[usize], queries_of: &[Vec<usize>], queries: &[TrainingQuery], random: &mut ChaCha8Rng) -> Batch {
+    let mut row_of: HashMap<usize, usize> = HashMap::new();
+    let mut documents = Vec::new();
+    let mut row = |document: usize, documents: &mut Vec<usize>| -> usize {
+        *row_of.entry(document).or_insert_with(|| {
+            documents.push(document);
+            documents.len() - 1
+        })
+    };
+    for &anchor in anchors {
+        row(anchor, &mut documents);
+    }
+    let mut pairs = Vec::new();
+    let mut triplets = Vec::new();
+    let mut sampled_queries = BTreeSet::new();
+    for &anchor in anchors {
+        let Some(&query_index) = queries_of[anchor].choose(random) else { continue };
+        sampled_queries.insert(query_index);
+        let query = &queries[query_index];
+        let Some(anchor_level) = query.levels.iter().find(|(_, members)| members.contains(&anchor)).map(|(level, _)| *level) else { continue };
+        let relevant: Vec<usize> = query.levels.iter().filter(|(level, _)| *level >= 1).flat_map(|(_, members)| members.iter().copied()).filter(|document| *document != anchor).collect();
+        if anchor_level >= 1 {
+            if let Some(&partner) = relevant.choose(random) {
+                let anchor_row = row(anchor, &mut documents);
+                let partner_row = row(partner, &mut documents);
+                pairs.push((anchor_row, partner_row));
+            }
+        }
+        let same_level: Vec<usize> = query.levels.iter().filter(|(level, _)| *level == anchor_level).flat_map(|(_, members)| members.iter().copied()).filter(|document| *document != anchor).collect();
+        let lower: Vec<usize> = query.levels.iter().filter(|(level, _)| *level < anchor_level).flat_map(|(_, members)| members.iter().copied()).collect();
+        if let (Some(&positive), Some(&negative)) = (same_level.choose(random), lower.choose(random)) {
+            let anchor_row = row(anchor, &mut documents);
+            triplets.push((anchor_row, row(positive, &mut documents), row(negative, &mut documents)));
+        }
+    }
+    let alignment = sampled_queries
+        .into_iter()
+        .map(|query_index| AlignmentQuery {
+            levels: queries[query_index]
+                .levels
+                .iter()
+                .filter(|(level, _)| *level >= 1)
+                .map(|(level, members)| (*level, members.iter().filter_map(|document| row_of.get(document).copied()).collect::<Vec<_>>()))
+                .filter(|(_, rows)| !rows.is_empty())
+                .collect(),
+        })
+        .collect();
+    Batch { documents, pairs, triplets, alignment }
+}
+
+fn matrix<B: Backend>(embeddings: &[Vec<f32>], documents: &[usize], device: &B::Device) -> Tensor<B, 2> {
+    let width = embeddings[0].len();
+    let flat: Vec<f32> = documents.iter().flat_map(|document| embeddings[*document].iter().copied()).collect();
+    Tensor::from_data(TensorData::new(flat, [documents.len(), width]), device)
+}
+
+/// k-means++ seeding then Lloyd iterations on the rows of `points`; returns `k` centroids
+/// (rows repeat when there are fewer distinct points than `k`).
+///
+/// # Shapes
+/// - `points`: `[n, d]` → `[k, d]`
+pub fn kmeans<B: Backend>(points: Tensor<B, 2>, k: usize, iterations: usize, random: &mut ChaCha8Rng) -> Tensor<B, 2> {
+    let [count, width] = points.dims();
+    let device = points.device();
+    let values = points.clone().into_data().to_vec::<f32>().expect("f32 points");
+    let row = |index: usize| &values[index * width..(index + 1) * width];
+    let distance = |left: &[f32], right: &[f32]| left.iter().zip(right).map(|(a, b)| (a - b) * (a - b)).sum::<f32>();
+    let mut centroids: Vec<Vec<f32>> = vec![row(random.random_range(0..count)).to_vec()];
+    let mut nearest: Vec<f32> = (0..count).map(|index| distance(row(index), &centroids[0])).collect();
+    while centroids.len() < k {
+        let total: f32 = nearest.iter().sum();
+        let chosen = if total <= 0.0 {
+            random.random_range(0..count)
+        } else {
+            let mut target = random.random_range(0.0..total);
+            nearest.iter().position(|weight| {
+                target -= weight;
+                target <= 0.0
+            }).unwrap_or(count - 1)
+        };
+        centroids.push(row(chosen).to_vec());
+        let newest = centroids.last().expect("just pushed").clone();
+        for (index, slot) in nearest.iter_mut().enumerate() {
+            *slot = slot.min(distance(row(index), &newest));
+        }
+    }
+    for _ in 0..iterations {
+        let mut sums = vec![vec![0.0_f32; width]; k];
+        let mut counts = vec![0usize; k];
+        for index in 0..count {
+            let best = (0..k).min_by(|a, b| distance(row(index), &centroids[*a]).total_cmp(&distance(row(index), &centroids[*b]))).expect("k > 0");
+            counts[best] += 1;
+            for (sum, value) in sums[best].iter_mut().zip(row(index)) {
+                *sum += value;
+            }
+        }
+        for cluster in 0..k {
+            if counts[cluster] > 0 {
+                centroids[cluster] = sums[cluster].iter().map(|sum| sum / counts[cluster] as f32).collect();
+            }
+        }
+    }
+    let flat: Vec<f32> = centroids.into_iter().flatten().collect();
+    Tensor::from_data(TensorData::new(flat, [k, width]), &device)
+}
+
+/// Trains on `embeddings` (one per document) with the graded `queries`, then assigns every
+/// document a unique DocID. Returns the DocIDs in document order and the report.
+pub fn train_docids<B: AutodiffBackend>(
+    config: &DocIdTrainingConfig,
+    embeddings: &[Vec<f32>],
+    queries: &[TrainingQuery],
+    device: &B::Device,
+    mut on_epoch: impl FnMut(usize, &LossTerms),
+) -> anyhow::Result<(Vec<DocId>, DocIdReport)> {
+    anyhow::ensure!(!embeddings.is_empty(), "no documents to train on");
+    let mut random = ChaCha8Rng::seed_from_u64(config.seed);
+    let mut model: RqVae<B> = config.model.init(device, config.seed);
+    let mut queries_of: Vec<Vec<usize>> = vec![Vec::new(); embeddings.len()];
+    for (query_index, query) in queries.iter().enumerate() {
+        for (_, members) in &query.levels {
+            for &document in members {
+                queries_of[document].push(query_index);
+            }
+        }
+    }
+    // Every document is an anchor (reconstruction needs all of them); relevance losses come
+    // from those with training queries.
+    let mut anchors: Vec<usize> = (0..embeddings.len()).collect();
+    // k-means++ on the first batch's residuals, level by level.
+    anchors.shuffle(&mut random);
+    let first: Vec<usize> = anchors.iter().take(config.batch_size.max(config.model.codebook_size)).copied().collect();
+    let mut residual = model.valid().encode(matrix::<B::InnerBackend>(embeddings, &first, &device_inner::<B>(device)));
+    for level in 0..config.model.levels {
+        let centroids = kmeans(residual.clone(), config.model.codebook_size, 10, &mut random);
+        let distances = squared_distances(residual.clone(), centroids.clone());
+        let [rows, _] = distances.dims();
+        let nearest = centroids.clone().select(0, distances.argmin(1).reshape([rows]));
+        residual = residual - nearest;
+        model.set_codebook(level, Tensor::from_data(centroids.into_data(), device));
+    }
+    let betas = config.effective_betas();
+    let mut optimizer = AdamWConfig::new().init();
+    let mut losses_per_epoch = Vec::with_capacity(config.epochs);
+    let mut step_seconds = 0.0;
+    let mut steps = 0usize;
+    for epoch in 0..config.epochs {
+        anchors.shuffle(&mut random);
+        let mut epoch_terms = LossTerms::default();
+        let mut batches = 0usize;
+        for chunk in anchors.chunks(config.batch_size.max(1)) {
+            let started = std::time::Instant::now();
+            let batch = build_batch(chunk, &queries_of, queries, &mut random);
+            let input = matrix::<B>(embeddings, &batch.documents, device);
+            let output = model.forward(input.clone());
+            let reconstruction = reconstruction_loss(input, output.reconstruction.clone());
+            let rq = rq_loss(&output.residuals, &output.codewords, config.alpha);
+            let mut total = reconstruction.clone() + rq.clone();
+            let mut align_value = 0.0;
+            let mut relevance_value = 0.0;
+            if config.variant != Variant::Vanilla {
+                if config.variant != Variant::NoAlign {
+                    let align = alignment_loss(output.encoded.clone(), &batch.alignment, 3);
+                    align_value = scalar(&align);
+                    total = total + align.mul_scalar(config.lambda_align);
+                }
+                let outer: Vec<_> = output.residuals.iter().map(|residual| outer_loss(residual.clone(), &batch.pairs, config.temperature)).collect();
+                let inner: Vec<_> = output.residuals.iter().map(|residual| inner_loss(residual.clone(), &batch.triplets, config.margin, config.triplet_metric)).collect();
+                let relevance = relevance_loss(&outer, &inner, &betas);
+                relevance_value = scalar(&relevance);
+                total = total + relevance.mul_scalar(config.lambda_relevance);
+            }
+            epoch_terms.reconstruction += scalar(&reconstruction);
+            epoch_terms.rq += scalar(&rq);
+            epoch_terms.align += align_value;
+            epoch_terms.relevance += relevance_value;
+            epoch_terms.total += scalar(&total);
+            let gradients = GradientsParams::from_grads(total.backward(), &model);
+            model = optimizer.step(config.learning_rate, model, gradients);
+            step_seconds += started.elapsed().as_secs_f64();
+            steps += 1;
+            batches += 1;
+        }
+        let scale = 1.0 / batches.max(1) as f64;
+        let terms = LossTerms {
+            reconstruction: epoch_terms.reconstruction * scale,
+            rq: epoch_terms.rq * scale,
+            align: epoch_terms.align * scale,
+            relevance: epoch_terms.relevance * scale,
+            total: epoch_terms.total * scale,
+        };
+        on_epoch(epoch, &terms);
+        losses_per_epoch.push(terms);
+    }
+    // Codes for every document.
+    let inference = model.valid();
+    let inner_device = device_inner::<B>(device);
+    let mut documents = Vec::with_capacity(embeddings.len());
+    let all: Vec<usize> = (0..embeddings.len()).collect();
+    for chunk in all.chunks(4096) {
+        let output = inference.forward(matrix::<B::InnerBackend>(embeddings, chunk, &inner_device));
+        let codes = output.codes.into_data().convert::<i64>().to_vec::<i64>().expect("codes");
+        let costs = output.last_level_costs.into_data().to_vec::<f32>().expect("costs");
+        let levels = config.model.levels;
+        let size = config.model.codebook_size;
+        for row in 0..chunk.len() {
+            documents.push(DocumentCodes {
+                codes: codes[row * levels..(row + 1) * levels].iter().map(|code| *code as u8).collect(),
+                last_level_costs: costs[row * size..(row + 1) * size].to_vec(),
+            });
+        }
+    }
+    let space = CodeSpace { levels: config.model.levels, codebook_size: config.model.codebook_size };
+    let (docids, assignment) = resolve_collisions(&documents, space, SinkhornConfig::default())?;
+    let (utilisation_per_level, perplexity_per_level) = usage(&documents, space);
+    let unique_tokens_per_layer = unique_tokens_per_layer(&docids, queries, space.levels);
+    let report = DocIdReport {
+        variant: config.variant,
+        losses_per_epoch,
+        collisions_before: assignment.collisions_before,
+        collisions_after: assignment.collisions_after,
+        assignment,
+        utilisation_per_level,
+        perplexity_per_level,
+        unique_tokens_per_layer,
+        seconds_per_step: step_seconds / steps.max(1) as f64,
+    };
+    Ok((docids, report))
+}
+
+fn device_inner<B: AutodiffBackend>(device: &burn::tensor::Device<B>) -> burn::tensor::Device<B::InnerBackend> {
+    // Autodiff runs on its inner backend's device.
+    B::Device::clone(device)
+}
+
+fn scalar<B: Backend>(tensor: &Tensor<B, 1>) -> f64 {
+    f64::from(tensor.clone().into_data().convert::<f32>().to_vec::<f32>().expect("f32 scalar")[0])
+}
+
+/// Distinct codes used per level ÷ codebook size, and the perplexity exp(H) of code usage.
+fn usage(documents: &[DocumentCodes], space: CodeSpace) -> (Vec<f64>, Vec<f64>) {
+    (0..space.levels)
+        .map(|level| {
+            let mut counts: BTreeMap<u8, usize> = BTreeMap::new();
+            for document in documents {
+                *counts.entry(document.codes[level]).or_default() += 1;
+            }
+            let total = documents.len() as f64;
+            let entropy: f64 = counts.values().map(|count| *count as f64 / total).map(|p| -p * p.ln()).sum();
+            (counts.len() as f64 / space.codebook_size as f64, entropy.exp())
+        })
+        .unzip()
+}
+
+/// Paper Table 3 statistic over queries with at least one relevant (E/S/C) document.
+pub fn unique_tokens_per_layer(docids: &[DocId], queries: &[TrainingQuery], levels: usize) -> Vec<f64> {
+    let mut sums = vec![0.0; levels];
+    let mut counted = 0usize;
+    for query in queries {
+        let relevant: Vec<&DocId> = query.levels.iter().filter(|(level, _)| *level >= 1).flat_map(|(_, members)| members.iter().map(|document| &docids[*document])).collect();
+        if relevant.is_empty() {
+            continue;
+        }
+        counted += 1;
+        for (level, sum) in sums.iter_mut().enumerate() {
+            *sum += relevant.iter().map(|docid| docid.0[level]).collect::<BTreeSet<_>>().len() as f64;
+        }
+    }
+    sums.into_iter().map(|sum| sum / counted.max(1) as f64).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, NdArray};
+
+    /// 96 documents in 6 tight clusters; each of 6 queries grades one cluster E, half of the
+    /// next cluster S and one document I.
+    fn clustered_corpus() -> (Vec<Vec<f32>>, Vec<TrainingQuery>) {
+        let mut random = ChaCha8Rng::seed_from_u64(3);
+        let centres: Vec<Vec<f32>> = (0..6).map(|_| (0..12).map(|_| random.random_range(-1.0..1.0)).collect()).collect();
+        let embeddings: Vec<Vec<f32>> = (0..96).map(|index| centres[index % 6].iter().map(|value| value + random.random_range(-0.05..0.05)).collect()).collect();
+        let queries = (0..6)
+            .map(|cluster| {
+                let members = |c: usize| -> Vec<usize> { (0..96).filter(|index| index % 6 == c).collect() };
+                let next = members((cluster + 1) % 6);
+                TrainingQuery { levels: vec![(3, members(cluster)), (2, next[..8].to_vec()), (0, vec![next[8]])] }
+            })
+            .collect();
+        (embeddings, queries)
+    }
+
+    fn config(variant: Variant) -> DocIdTrainingConfig {
+        let model = RqVaeConfig::new(12).with_hidden_dims(vec![32]).with_latent_dim(8).with_levels(3).with_codebook_size(8);
+        DocIdTrainingConfig::new(model).with_variant(variant).with_epochs(30).with_batch_size(32).with_learning_rate(3e-3)
+    }
+
+    #[test]
+    fn training_reduces_reconstruction_and_yields_unique_docids() {
+        let (embeddings, queries) = clustered_corpus();
+        let device = Default::default();
+        let (docids, report) = train_docids::<Autodiff<NdArray<f32>>>(&config(Variant::Merge), &embeddings, &queries, &device, |_, _| {}).unwrap();
+        assert_eq!(docids.len(), 96);
+        assert_eq!(docids.iter().collect::<BTreeSet<_>>().len(), 96, "DocIDs are unique");
+        assert_eq!(report.collisions_after, 0);
+        let first = report.losses_per_epoch.first().unwrap();
+        let last = report.losses_per_epoch.last().unwrap();
+        assert!(last.reconstruction < first.reconstruction * 0.8, "reconstruction {} -> {}", first.reconstruction, last.reconstruction);
+        assert!(first.relevance > 0.0 && first.align > 0.0, "relevance losses are active: {first:?}");
+        assert_eq!(report.utilisation_per_level.len(), 3);
+        assert!(report.unique_tokens_per_layer.iter().all(|count| *count >= 1.0));
+        // Same seed, same DocIDs.
+        let (again, _) = train_docids::<Autodiff<NdArray<f32>>>(&config(Variant::Merge), &embeddings, &queries, &device, |_, _| {}).unwrap();
+        assert_eq!(docids, again);
+    }
+
+    #[test]
+    fn vanilla_variant_trains_without_relevance_losses() {
+        let (embeddings, queries) = clustered_corpus();
+        let (_, report) = train_docids::<Autodiff<NdArray<f32>>>(&config(Variant::Vanilla).with_epochs(3), &embeddings, &queries, &Default::default(), |_, _| {}).unwrap();
+        assert!(report.losses_per_epoch.iter().all(|terms| terms.align == 0.0 && terms.relevance == 0.0));
+    }
+
+    #[test]
+    fn unique_tokens_count_distinct_codes_per_level_among_relevant_documents() {
+        let docids = vec![DocId(vec![1, 2]), DocId(vec![1, 3]), DocId(vec![2, 3])];
+        let queries = vec![TrainingQuery { levels: vec![(3, vec![0, 1]), (0, vec![2])] }, TrainingQuery { levels: vec![(1, vec![0, 1, 2])] }];
+        // Query 1: level 0 codes {1}, level 1 {2, 3}; query 2: {1, 2}, {2, 3}.
+        assert_eq!(unique_tokens_per_layer(&docids, &queries, 2), vec![1.5, 2.0]);
+    }
+}
