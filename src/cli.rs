@@ -45,6 +45,9 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Encode text read from stdin (one text per line) and print one JSON array per line.
     Embed(EmbedArgs),
+    /// Train MERGE DocIDs (RQ-VAE + relevance losses) on the graded ESCI folder, assign unique
+    /// DocIDs, store them in state and write a report.
+    TrainDocids(TrainDocidsArgs),
     /// Topic administration.
     #[command(subcommand)]
     Topics(TopicsCommand),
@@ -192,6 +195,37 @@ pub struct EmbedArgs {
     pub state_dir: Option<PathBuf>,
 }
 
+/// `train-docids` flags.
+#[derive(Debug, Args)]
+pub struct TrainDocidsArgs {
+    /// The graded ESCI folder (`products.jsonl`, `judgments_train.csv`) [default:
+    /// $MERGE_INDEXER_ESCI_GRADED_DIR or ../shared/data/esci-graded]. Only train judgements are used.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// State directory the DocIDs are written to [default: ./state].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Loss variant.
+    #[arg(long, value_enum, default_value = "merge")]
+    pub variant: crate::docid::train::Variant,
+    /// Epochs [default: the paper's 300].
+    #[arg(long, default_value_t = 300)]
+    pub epochs: usize,
+    /// Anchor documents per batch [default: the paper's 2048].
+    #[arg(long, default_value_t = 2048)]
+    pub batch_size: usize,
+    /// Encoder of the product embeddings [default: the configured one, hashing unless set].
+    #[arg(long, value_enum)]
+    pub encoder: Option<EncoderKind>,
+    /// Where the report is written as JSON.
+    #[arg(long)]
+    pub report_json: Option<PathBuf>,
+    /// Where the trained model (rqvae.safetensors) and its training config (config.json) go
+    /// [default: <state-dir>/docid-model].
+    #[arg(long)]
+    pub model_dir: Option<PathBuf>,
+}
+
 /// Topic administration.
 #[derive(Debug, Subcommand)]
 pub enum TopicsCommand {
@@ -227,6 +261,8 @@ pub enum BenchCommand {
     Encode(crate::bench::EncodeBenchArgs),
     /// Dense retrieval quality (R@10, R@100, NDCG@100) of an encoder on the graded ESCI folder.
     Retrieval(crate::bench::RetrievalBenchArgs),
+    /// One MERGE training step at the PyTorch reference's shapes, optionally next to it.
+    DocidStep(crate::bench::DocidStepBenchArgs),
 }
 
 /// Runs the parsed command line.
@@ -243,6 +279,10 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             let overrides = FlagOverrides { state_dir: arguments.state_dir.clone(), ..Default::default() };
             inspect_command(&Config::load(config_file, &overrides)?, arguments.json)
         }
+        Command::TrainDocids(arguments) => {
+            let overrides = FlagOverrides { state_dir: arguments.state_dir.clone(), encoder: arguments.encoder, ..Default::default() };
+            train_docids_command(Config::load(config_file, &overrides)?, &arguments)
+        }
         Command::Embed(arguments) => {
             let overrides = FlagOverrides { encoder: arguments.encoder, ..Default::default() };
             embed_command(Config::load(config_file, &overrides)?, &arguments)
@@ -258,6 +298,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Ingest(arguments)) => crate::bench::ingest_benchmark(Config::load(config_file, &FlagOverrides::default())?, &arguments).await,
         Command::Bench(BenchCommand::Encode(arguments)) => crate::bench::encode_benchmark(Config::load(config_file, &FlagOverrides::default())?, &arguments),
         Command::Bench(BenchCommand::Retrieval(arguments)) => crate::bench::retrieval_benchmark(Config::load(config_file, &FlagOverrides::default())?, &arguments),
+        Command::Bench(BenchCommand::DocidStep(arguments)) => crate::bench::docid_step_benchmark(&arguments),
         Command::Bench(BenchCommand::Stages(arguments)) => crate::bench::stage_benchmark(&Config::load(config_file, &FlagOverrides::default())?, &arguments),
     }
 }
@@ -618,5 +659,83 @@ fn inspect_command(config: &Config, json: bool) -> anyhow::Result<()> {
     for (partition, next) in &report.stored_offsets {
         println!("  {partition:<40} {next}");
     }
+    Ok(())
+}
+
+fn train_docids_command(config: Config, arguments: &TrainDocidsArgs) -> anyhow::Result<()> {
+    use crate::docid::train::{train_docids, DocIdTrainingConfig, TrainingQuery};
+    use crate::docid::model::RqVaeConfig;
+    use burn::config::Config as _;
+    use burn::store::{ModuleSnapshot, SafetensorsStore};
+    let directory = arguments.data.clone().unwrap_or_else(crate::datasets::default_esci_graded_dir);
+    let data = crate::datasets::EsciGraded::load(&directory).with_context(|| format!("reading the graded ESCI folder {}", directory.display()))?;
+    let encoder = build_encoder(&config.encoder)?;
+    println!("encoding {} products with {}", data.products.len(), encoder.cache_id());
+    let texts: Vec<String> = data.products.iter().map(|product| crate::encoder::product_text(&product.content(), &config.encoder.text)).collect();
+    let mut embeddings = Vec::with_capacity(texts.len());
+    for chunk in texts.chunks(config.encoder.batch_size.max(1) * 4) {
+        let borrowed: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        embeddings.extend(encoder.encode(&borrowed)?);
+    }
+    let index_of: std::collections::HashMap<&str, usize> = data.products.iter().enumerate().map(|(index, product)| (product.product_id.as_str(), index)).collect();
+    let mut by_query: std::collections::BTreeMap<&str, std::collections::BTreeMap<usize, Vec<usize>>> = std::collections::BTreeMap::new();
+    for judgement in &data.train {
+        let (Some(level), Some(&document)) = (judgement.level(), index_of.get(judgement.product_id.as_str())) else { continue };
+        by_query.entry(judgement.query.as_str()).or_default().entry(level.index()).or_default().push(document);
+    }
+    let queries: Vec<TrainingQuery> = by_query.into_values().map(|levels| TrainingQuery { levels: levels.into_iter().collect() }).collect();
+    // Test queries are only read after training, for the Table-3 statistic: nothing is selected on them.
+    let mut test_by_query: std::collections::BTreeMap<&str, std::collections::BTreeMap<usize, Vec<usize>>> = std::collections::BTreeMap::new();
+    for judgement in &data.test {
+        let (Some(level), Some(&document)) = (judgement.level(), index_of.get(judgement.product_id.as_str())) else { continue };
+        test_by_query.entry(judgement.query.as_str()).or_default().entry(level.index()).or_default().push(document);
+    }
+    let test_queries: Vec<TrainingQuery> = test_by_query.into_values().map(|levels| TrainingQuery { levels: levels.into_iter().collect() }).collect();
+    let model = RqVaeConfig::new(encoder.dimension());
+    let training = DocIdTrainingConfig::new(model).with_variant(arguments.variant).with_epochs(arguments.epochs).with_batch_size(arguments.batch_size);
+    println!("training {:?} on {} products, {} train queries, {} epochs", arguments.variant, embeddings.len(), queries.len(), arguments.epochs);
+    let device = burn::tensor::Device::<crate::encoder::InferenceBackend>::default();
+    let (docids, report, model) = train_docids::<burn::backend::Autodiff<crate::encoder::InferenceBackend>>(&training, &embeddings, &queries, &device, |epoch, terms| {
+        eprintln!(
+            "epoch {:>4}: total {:.4}  recon {:.4}  rq {:.4}  align {:.4}  rel {:.4}",
+            epoch + 1, terms.total, terms.reconstruction, terms.rq, terms.align, terms.relevance
+        );
+    })?;
+    let pairs: Vec<(String, crate::docid::DocId)> = data
+        .products
+        .iter()
+        .zip(&docids)
+        .map(|(product, docid)| (crate::datasets::esci_product_id(&product.locale, &product.product_id), docid.clone()))
+        .collect();
+    let state = StateStore::open(&config.state_dir, &config.state)?;
+    state.replace_docids(&pairs)?;
+    let model_dir = arguments.model_dir.clone().unwrap_or_else(|| config.state_dir.join("docid-model"));
+    std::fs::create_dir_all(&model_dir)?;
+    training.save(model_dir.join("config.json"))?;
+    let mut store = SafetensorsStore::from_file(model_dir.join("rqvae.safetensors"));
+    model.save_into(&mut store).map_err(|error| anyhow::anyhow!("saving the model: {error}"))?;
+    let unique_tokens_test = crate::docid::train::unique_tokens_per_layer(&docids, &test_queries, report.unique_tokens_per_layer.len());
+    let mut report_value = serde_json::to_value(&report)?;
+    report_value["unique_tokens_per_layer_test"] = serde_json::json!(unique_tokens_test);
+    report_value["train_queries"] = serde_json::json!(queries.len());
+    report_value["test_queries"] = serde_json::json!(test_queries.len());
+    report_value["encoder"] = serde_json::json!(encoder.cache_id());
+    let report_json = serde_json::to_string_pretty(&report_value)?;
+    if let Some(path) = &arguments.report_json {
+        std::fs::write(path, &report_json)?;
+    }
+    println!(
+        "DocIDs: {} products, collisions before {} after {} (moved within prefix {}, up {}); utilisation per level {:?}; unique tokens per layer (Table 3) train {:?} test {:?}; {:.3} s/step",
+        pairs.len(),
+        report.collisions_before,
+        report.collisions_after,
+        report.assignment.reassigned_in_prefix,
+        report.assignment.moved_up,
+        report.utilisation_per_level.iter().map(|value| format!("{value:.3}")).collect::<Vec<_>>(),
+        report.unique_tokens_per_layer.iter().map(|value| format!("{value:.2}")).collect::<Vec<_>>(),
+        unique_tokens_test.iter().map(|value| format!("{value:.2}")).collect::<Vec<_>>(),
+        report.seconds_per_step
+    );
+    println!("stored in {}; model and config in {}", config.state_dir.display(), model_dir.display());
     Ok(())
 }

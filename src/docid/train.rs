@@ -74,6 +74,10 @@ pub struct DocIdTrainingConfig {
     /// Seed of sampling and initialisation.
     #[config(default = 7)]
     pub seed: u64,
+    /// After each epoch, move every codeword no document selected to the residual of a random
+    /// document at that level (the paper's reference has no remedy for codebook collapse).
+    #[config(default = true)]
+    pub reseed_dead_codes: bool,
 }
 
 impl DocIdTrainingConfig {
@@ -134,6 +138,8 @@ pub struct DocIdReport {
     pub unique_tokens_per_layer: Vec<f64>,
     /// Seconds per training step (mean).
     pub seconds_per_step: f64,
+    /// Dead codewords re-seeded during training, all levels and epochs.
+    pub reseeded_codes: usize,
 }
 
 /// One training batch: rows, and the relevance structure in row indices.
@@ -142,6 +148,76 @@ struct Batch {
     pairs: Vec<(usize, usize)>,
     triplets: Vec<(usize, usize, usize)>,
     alignment: Vec<AlignmentQuery>,
+}
+
+/// One optimisation step: forward, the variant's losses, backward, AdamW. Returns the updated
+/// model and the step's loss terms.
+///
+/// # Shapes
+/// - `input`: `[batch.documents.len(), input_dim]`
+fn train_step<B: AutodiffBackend, O: Optimizer<RqVae<B>, B>>(
+    model: RqVae<B>,
+    optimizer: &mut O,
+    config: &DocIdTrainingConfig,
+    betas: &[f64],
+    input: Tensor<B, 2>,
+    batch: &Batch,
+) -> (RqVae<B>, LossTerms) {
+    let output = model.forward(input.clone());
+    let reconstruction = reconstruction_loss(input, output.reconstruction.clone());
+    let rq = rq_loss(&output.residuals, &output.codewords, config.alpha);
+    let mut total = reconstruction.clone() + rq.clone();
+    let mut terms = LossTerms::default();
+    if config.variant != Variant::Vanilla {
+        if config.variant != Variant::NoAlign {
+            let align = alignment_loss(output.encoded.clone(), &batch.alignment, 3);
+            terms.align = scalar(&align);
+            total = total + align.mul_scalar(config.lambda_align);
+        }
+        let outer: Vec<_> = output.residuals.iter().map(|residual| outer_loss(residual.clone(), &batch.pairs, config.temperature)).collect();
+        let inner: Vec<_> = output.residuals.iter().map(|residual| inner_loss(residual.clone(), &batch.triplets, config.margin, config.triplet_metric)).collect();
+        let relevance = relevance_loss(&outer, &inner, betas);
+        terms.relevance = scalar(&relevance);
+        total = total + relevance.mul_scalar(config.lambda_relevance);
+    }
+    terms.reconstruction = scalar(&reconstruction);
+    terms.rq = scalar(&rq);
+    terms.total = scalar(&total);
+    let gradients = GradientsParams::from_grads(total.backward(), &model);
+    (optimizer.step(config.learning_rate, model, gradients), terms)
+}
+
+/// Times training steps at the shapes of `merge_step_torch.py`: `anchors` anchors plus as many
+/// InfoNCE partners, triplet positives and triplet negatives (4 × anchors rows) of random
+/// `input_dim` embeddings; each anchor's query grades its four rows E, E, S, C. Runs `warm_up`
+/// steps untimed, then returns the seconds of each of `steps` timed steps.
+pub fn time_steps<B: AutodiffBackend>(config: &DocIdTrainingConfig, anchors: usize, warm_up: usize, steps: usize, device: &B::Device) -> Vec<f64> {
+    let mut random = ChaCha8Rng::seed_from_u64(config.seed);
+    let rows = 4 * anchors;
+    let embeddings: Vec<Vec<f32>> = (0..rows).map(|_| (0..config.model.input_dim).map(|_| random.random_range(-1.0..1.0)).collect()).collect();
+    let mut model: RqVae<B> = config.model.init(device, config.seed);
+    let batch = Batch {
+        documents: (0..rows).collect(),
+        pairs: (0..anchors).map(|anchor| (anchor, anchors + anchor)).collect(),
+        triplets: (0..anchors).map(|anchor| (anchor, 2 * anchors + anchor, 3 * anchors + anchor)).collect(),
+        alignment: (0..anchors)
+            .map(|anchor| AlignmentQuery { levels: vec![(3, vec![anchor, anchors + anchor]), (2, vec![2 * anchors + anchor]), (1, vec![3 * anchors + anchor])] })
+            .collect(),
+    };
+    let input = matrix::<B>(&embeddings, &batch.documents, device);
+    let betas = config.effective_betas();
+    let mut optimizer = AdamWConfig::new().with_weight_decay(1e-4).init();
+    let mut timings = Vec::with_capacity(steps);
+    for step in 0..warm_up + steps {
+        let started = std::time::Instant::now();
+        let (updated, terms) = train_step(model, &mut optimizer, config, &betas, input.clone(), &batch);
+        model = updated;
+        debug_assert!(terms.total.is_finite());
+        if step >= warm_up {
+            timings.push(started.elapsed().as_secs_f64());
+        }
+    }
+    timings
 }
 
 /// Builds a batch from anchor documents: each anchor with a training query samples one query,
@@ -263,7 +339,7 @@ pub fn train_docids<B: AutodiffBackend>(
     queries: &[TrainingQuery],
     device: &B::Device,
     mut on_epoch: impl FnMut(usize, &LossTerms),
-) -> anyhow::Result<(Vec<DocId>, DocIdReport)> {
+) -> anyhow::Result<(Vec<DocId>, DocIdReport, RqVae<B::InnerBackend>)> {
     anyhow::ensure!(!embeddings.is_empty(), "no documents to train on");
     let mut random = ChaCha8Rng::seed_from_u64(config.seed);
     let mut model: RqVae<B> = config.model.init(device, config.seed);
@@ -295,6 +371,7 @@ pub fn train_docids<B: AutodiffBackend>(
     let mut losses_per_epoch = Vec::with_capacity(config.epochs);
     let mut step_seconds = 0.0;
     let mut steps = 0usize;
+    let mut reseeded_codes = 0usize;
     for epoch in 0..config.epochs {
         anchors.shuffle(&mut random);
         let mut epoch_terms = LossTerms::default();
@@ -303,31 +380,13 @@ pub fn train_docids<B: AutodiffBackend>(
             let started = std::time::Instant::now();
             let batch = build_batch(chunk, &queries_of, queries, &mut random);
             let input = matrix::<B>(embeddings, &batch.documents, device);
-            let output = model.forward(input.clone());
-            let reconstruction = reconstruction_loss(input, output.reconstruction.clone());
-            let rq = rq_loss(&output.residuals, &output.codewords, config.alpha);
-            let mut total = reconstruction.clone() + rq.clone();
-            let mut align_value = 0.0;
-            let mut relevance_value = 0.0;
-            if config.variant != Variant::Vanilla {
-                if config.variant != Variant::NoAlign {
-                    let align = alignment_loss(output.encoded.clone(), &batch.alignment, 3);
-                    align_value = scalar(&align);
-                    total = total + align.mul_scalar(config.lambda_align);
-                }
-                let outer: Vec<_> = output.residuals.iter().map(|residual| outer_loss(residual.clone(), &batch.pairs, config.temperature)).collect();
-                let inner: Vec<_> = output.residuals.iter().map(|residual| inner_loss(residual.clone(), &batch.triplets, config.margin, config.triplet_metric)).collect();
-                let relevance = relevance_loss(&outer, &inner, &betas);
-                relevance_value = scalar(&relevance);
-                total = total + relevance.mul_scalar(config.lambda_relevance);
-            }
-            epoch_terms.reconstruction += scalar(&reconstruction);
-            epoch_terms.rq += scalar(&rq);
-            epoch_terms.align += align_value;
-            epoch_terms.relevance += relevance_value;
-            epoch_terms.total += scalar(&total);
-            let gradients = GradientsParams::from_grads(total.backward(), &model);
-            model = optimizer.step(config.learning_rate, model, gradients);
+            let (updated, terms) = train_step(model, &mut optimizer, config, &betas, input, &batch);
+            model = updated;
+            epoch_terms.reconstruction += terms.reconstruction;
+            epoch_terms.rq += terms.rq;
+            epoch_terms.align += terms.align;
+            epoch_terms.relevance += terms.relevance;
+            epoch_terms.total += terms.total;
             step_seconds += started.elapsed().as_secs_f64();
             steps += 1;
             batches += 1;
@@ -342,6 +401,9 @@ pub fn train_docids<B: AutodiffBackend>(
         };
         on_epoch(epoch, &terms);
         losses_per_epoch.push(terms);
+        if config.reseed_dead_codes && epoch + 1 < config.epochs {
+            reseeded_codes += reseed_dead_codes(&mut model, embeddings, config, &mut random, device);
+        }
     }
     // Codes for every document.
     let inference = model.valid();
@@ -375,8 +437,41 @@ pub fn train_docids<B: AutodiffBackend>(
         perplexity_per_level,
         unique_tokens_per_layer,
         seconds_per_step: step_seconds / steps.max(1) as f64,
+        reseeded_codes,
     };
-    Ok((docids, report))
+    Ok((docids, report, inference))
+}
+
+/// Re-seeds dead codewords, level by level: codes that no document selects (over all documents)
+/// are replaced by the level's residuals of randomly chosen documents. Returns how many.
+fn reseed_dead_codes<B: AutodiffBackend>(model: &mut RqVae<B>, embeddings: &[Vec<f32>], config: &DocIdTrainingConfig, random: &mut ChaCha8Rng, device: &B::Device) -> usize {
+    let inner_device = device_inner::<B>(device);
+    let all: Vec<usize> = (0..embeddings.len()).collect();
+    let output = model.valid().forward(matrix::<B::InnerBackend>(embeddings, &all, &inner_device));
+    let levels = config.model.levels;
+    let size = config.model.codebook_size;
+    let width = config.model.latent_dim;
+    let codes = output.codes.into_data().convert::<i64>().to_vec::<i64>().expect("codes");
+    let mut reseeded = 0;
+    for level in 0..levels {
+        let mut used = vec![false; size];
+        for row in 0..embeddings.len() {
+            used[codes[row * levels + level] as usize] = true;
+        }
+        let dead: Vec<usize> = (0..size).filter(|code| !used[*code]).collect();
+        if dead.is_empty() {
+            continue;
+        }
+        let residuals = output.residuals[level].clone().into_data().to_vec::<f32>().expect("residuals");
+        let mut codebook = model.codebooks()[level].clone().into_data().convert::<f32>().to_vec::<f32>().expect("codebook");
+        for &code in &dead {
+            let donor = random.random_range(0..embeddings.len());
+            codebook[code * width..(code + 1) * width].copy_from_slice(&residuals[donor * width..(donor + 1) * width]);
+        }
+        model.set_codebook(level, Tensor::from_data(TensorData::new(codebook, [size, width]), device));
+        reseeded += dead.len();
+    }
+    reseeded
 }
 
 fn device_inner<B: AutodiffBackend>(device: &burn::tensor::Device<B>) -> burn::tensor::Device<B::InnerBackend> {
@@ -450,7 +545,7 @@ mod tests {
     fn training_reduces_reconstruction_and_yields_unique_docids() {
         let (embeddings, queries) = clustered_corpus();
         let device = Default::default();
-        let (docids, report) = train_docids::<Autodiff<NdArray<f32>>>(&config(Variant::Merge), &embeddings, &queries, &device, |_, _| {}).unwrap();
+        let (docids, report, _) = train_docids::<Autodiff<NdArray<f32>>>(&config(Variant::Merge), &embeddings, &queries, &device, |_, _| {}).unwrap();
         assert_eq!(docids.len(), 96);
         assert_eq!(docids.iter().collect::<BTreeSet<_>>().len(), 96, "DocIDs are unique");
         assert_eq!(report.collisions_after, 0);
@@ -461,14 +556,14 @@ mod tests {
         assert_eq!(report.utilisation_per_level.len(), 3);
         assert!(report.unique_tokens_per_layer.iter().all(|count| *count >= 1.0));
         // Same seed, same DocIDs.
-        let (again, _) = train_docids::<Autodiff<NdArray<f32>>>(&config(Variant::Merge), &embeddings, &queries, &device, |_, _| {}).unwrap();
+        let (again, _, _) = train_docids::<Autodiff<NdArray<f32>>>(&config(Variant::Merge), &embeddings, &queries, &device, |_, _| {}).unwrap();
         assert_eq!(docids, again);
     }
 
     #[test]
     fn vanilla_variant_trains_without_relevance_losses() {
         let (embeddings, queries) = clustered_corpus();
-        let (_, report) = train_docids::<Autodiff<NdArray<f32>>>(&config(Variant::Vanilla).with_epochs(3), &embeddings, &queries, &Default::default(), |_, _| {}).unwrap();
+        let (_, report, _) = train_docids::<Autodiff<NdArray<f32>>>(&config(Variant::Vanilla).with_epochs(3), &embeddings, &queries, &Default::default(), |_, _| {}).unwrap();
         assert!(report.losses_per_epoch.iter().all(|terms| terms.align == 0.0 && terms.relevance == 0.0));
     }
 
