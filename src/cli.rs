@@ -693,7 +693,15 @@ fn train_docids_command(config: Config, arguments: &TrainDocidsArgs) -> anyhow::
     let test_queries: Vec<TrainingQuery> = test_by_query.into_values().map(|levels| TrainingQuery { levels: levels.into_iter().collect() }).collect();
     let model = RqVaeConfig::new(encoder.dimension());
     let training = DocIdTrainingConfig::new(model).with_variant(arguments.variant).with_epochs(arguments.epochs).with_batch_size(arguments.batch_size);
-    println!("training {:?} on {} products, {} train queries, {} epochs", arguments.variant, embeddings.len(), queries.len(), arguments.epochs);
+    let (queries, validation_queries) = crate::docid::train::split_validation(queries, training.validation_fraction, training.seed);
+    println!(
+        "training {:?} on {} products, {} train queries ({} more held out for validation), {} epochs",
+        arguments.variant,
+        embeddings.len(),
+        queries.len(),
+        validation_queries.len(),
+        arguments.epochs
+    );
     let device = burn::tensor::Device::<crate::encoder::InferenceBackend>::default();
     let (docids, report, model) = train_docids::<burn::backend::Autodiff<crate::encoder::InferenceBackend>>(&training, &embeddings, &queries, &device, |epoch, terms| {
         eprintln!(
@@ -715,8 +723,11 @@ fn train_docids_command(config: Config, arguments: &TrainDocidsArgs) -> anyhow::
     let mut store = SafetensorsStore::from_file(model_dir.join("rqvae.safetensors"));
     model.save_into(&mut store).map_err(|error| anyhow::anyhow!("saving the model: {error}"))?;
     let unique_tokens_test = crate::docid::train::unique_tokens_per_layer(&docids, &test_queries, report.unique_tokens_per_layer.len());
+    let unique_tokens_validation = crate::docid::train::unique_tokens_per_layer(&docids, &validation_queries, report.unique_tokens_per_layer.len());
     let mut report_value = serde_json::to_value(&report)?;
     report_value["unique_tokens_per_layer_test"] = serde_json::json!(unique_tokens_test);
+    report_value["unique_tokens_per_layer_validation"] = serde_json::json!(unique_tokens_validation);
+    report_value["validation_queries"] = serde_json::json!(validation_queries.len());
     report_value["train_queries"] = serde_json::json!(queries.len());
     report_value["test_queries"] = serde_json::json!(test_queries.len());
     report_value["encoder"] = serde_json::json!(encoder.cache_id());
@@ -725,7 +736,7 @@ fn train_docids_command(config: Config, arguments: &TrainDocidsArgs) -> anyhow::
         std::fs::write(path, &report_json)?;
     }
     println!(
-        "DocIDs: {} products, collisions before {} after {} (moved within prefix {}, up {}); utilisation per level {:?}; unique tokens per layer (Table 3) train {:?} test {:?}; {:.3} s/step",
+        "DocIDs: {} products, collisions before {} after {} (moved within prefix {}, up {}); utilisation per level {:?}; unique tokens per layer (Table 3) train {:?} validation {:?} test {:?}; {:.3} s/step",
         pairs.len(),
         report.collisions_before,
         report.collisions_after,
@@ -733,6 +744,7 @@ fn train_docids_command(config: Config, arguments: &TrainDocidsArgs) -> anyhow::
         report.assignment.moved_up,
         report.utilisation_per_level.iter().map(|value| format!("{value:.3}")).collect::<Vec<_>>(),
         report.unique_tokens_per_layer.iter().map(|value| format!("{value:.2}")).collect::<Vec<_>>(),
+        unique_tokens_validation.iter().map(|value| format!("{value:.2}")).collect::<Vec<_>>(),
         unique_tokens_test.iter().map(|value| format!("{value:.2}")).collect::<Vec<_>>(),
         report.seconds_per_step
     );

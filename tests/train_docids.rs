@@ -32,6 +32,9 @@ fn train_docids_stores_a_bijection_and_reports() {
     assert_eq!(report["unique_tokens_per_layer"].as_array().unwrap().len(), 4);
     assert_eq!(report["losses_per_epoch"].as_array().unwrap().len(), 1);
     assert_eq!(report["unique_tokens_per_layer_test"].as_array().unwrap().len(), 4);
+    assert_eq!(report["unique_tokens_per_layer_validation"].as_array().unwrap().len(), 4);
+    assert_eq!(report["train_queries"].as_u64().unwrap() + report["validation_queries"].as_u64().unwrap(), 165, "validation carved from the train queries");
+    assert_eq!(report["test_queries"], 68);
 
     let state = StateStore::open_read_only(&state_dir).unwrap();
     let pairs = state.docids().unwrap();

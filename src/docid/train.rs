@@ -74,6 +74,10 @@ pub struct DocIdTrainingConfig {
     /// Seed of sampling and initialisation.
     #[config(default = 7)]
     pub seed: u64,
+    /// Share of the training queries held out as the validation split (seeded): they take no
+    /// part in the relevance losses and are reported separately.
+    #[config(default = 0.1)]
+    pub validation_fraction: f64,
     /// After each epoch, move every codeword no document selected to the residual of a random
     /// document at that level (the paper's reference has no remedy for codebook collapse).
     #[config(default = true)]
@@ -498,6 +502,25 @@ fn usage(documents: &[DocumentCodes], space: CodeSpace) -> (Vec<f64>, Vec<f64>) 
         .unzip()
 }
 
+/// Splits training queries into (train, validation), holding out `fraction` of them (at least
+/// one when there are two or more) by a shuffle seeded with `seed`.
+pub fn split_validation(queries: Vec<TrainingQuery>, fraction: f64, seed: u64) -> (Vec<TrainingQuery>, Vec<TrainingQuery>) {
+    let held_out = ((queries.len() as f64 * fraction.clamp(0.0, 0.9)).round() as usize).max(usize::from(queries.len() >= 2 && fraction > 0.0));
+    let mut order: Vec<usize> = (0..queries.len()).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_0f_7a11d));
+    let validation_set: BTreeSet<usize> = order.into_iter().take(held_out).collect();
+    let mut train = Vec::new();
+    let mut validation = Vec::new();
+    for (index, query) in queries.into_iter().enumerate() {
+        if validation_set.contains(&index) {
+            validation.push(query);
+        } else {
+            train.push(query);
+        }
+    }
+    (train, validation)
+}
+
 /// Paper Table 3 statistic over queries with at least one relevant (E/S/C) document.
 pub fn unique_tokens_per_layer(docids: &[DocId], queries: &[TrainingQuery], levels: usize) -> Vec<f64> {
     let mut sums = vec![0.0; levels];
@@ -565,6 +588,19 @@ mod tests {
         let (embeddings, queries) = clustered_corpus();
         let (_, report, _) = train_docids::<Autodiff<NdArray<f32>>>(&config(Variant::Vanilla).with_epochs(3), &embeddings, &queries, &Default::default(), |_, _| {}).unwrap();
         assert!(report.losses_per_epoch.iter().all(|terms| terms.align == 0.0 && terms.relevance == 0.0));
+    }
+
+    #[test]
+    fn validation_split_is_seeded_disjoint_and_complete() {
+        let queries: Vec<TrainingQuery> = (0..50).map(|index| TrainingQuery { levels: vec![(3, vec![index])] }).collect();
+        let (train, validation) = split_validation(queries.clone(), 0.1, 7);
+        assert_eq!((train.len(), validation.len()), (45, 5));
+        let (train_again, validation_again) = split_validation(queries.clone(), 0.1, 7);
+        assert_eq!((train.clone(), validation.clone()), (train_again, validation_again));
+        let mut all: Vec<usize> = train.iter().chain(&validation).map(|query| query.levels[0].1[0]).collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..50).collect::<Vec<_>>());
+        assert_ne!(split_validation(queries, 0.1, 8).1, validation, "another seed, another split");
     }
 
     #[test]
