@@ -325,7 +325,7 @@ pub fn retrieval_benchmark(mut config: Config, arguments: &RetrievalBenchArgs) -
     let encoder = crate::encoder::build_encoder(&config.encoder)?;
     let started = Instant::now();
     let product_texts: Vec<String> = data.products.iter().map(|product| crate::encoder::product_text(&product.content(), &config.encoder.text)).collect();
-    let product_vectors = encode_all(encoder.as_ref(), &product_texts, arguments.batch_size)?;
+    let product_vectors = crate::encoder::encode_in_batches(encoder.as_ref(), &product_texts, arguments.batch_size)?;
     let encode_seconds = started.elapsed().as_secs_f64();
     let product_ids: Vec<&str> = data.products.iter().map(|product| product.product_id.as_str()).collect();
     let gain_of = |judgement: &crate::datasets::GradedJudgement| match judgement.level() {
@@ -342,7 +342,7 @@ pub fn retrieval_benchmark(mut config: Config, arguments: &RetrievalBenchArgs) -
         }
         let queries: Vec<&str> = graded.keys().copied().collect();
         let query_texts: Vec<String> = queries.iter().map(|query| query.to_string()).collect();
-        let query_vectors = encode_all(encoder.as_ref(), &query_texts, arguments.batch_size)?;
+        let query_vectors = crate::encoder::encode_in_batches(encoder.as_ref(), &query_texts, arguments.batch_size)?;
         let metrics = crate::retrieval_metrics::evaluate_dense(&query_vectors, &product_vectors, &product_ids, &queries, &graded);
         println!(
             "{} on ESCI graded, {split:>5} split ({:>3} queries, {} products): R@10 {:.4}  R@100 {:.4}  NDCG@100 {:.4}",
@@ -361,15 +361,6 @@ pub fn retrieval_benchmark(mut config: Config, arguments: &RetrievalBenchArgs) -
         serde_json::json!({ "encoder": encoder.cache_id(), "backend": crate::BACKEND_NAME, "products": product_ids.len(), "splits": results, "encode_seconds": encode_seconds })
     );
     Ok(())
-}
-
-fn encode_all(encoder: &dyn crate::encoder::TextEncoder, texts: &[String], batch_size: usize) -> anyhow::Result<Vec<Vec<f32>>> {
-    let mut vectors = Vec::with_capacity(texts.len());
-    for chunk in texts.chunks(batch_size.max(1)) {
-        let borrowed: Vec<&str> = chunk.iter().map(String::as_str).collect();
-        vectors.extend(encoder.encode(&borrowed)?);
-    }
-    Ok(vectors)
 }
 
 /// `bench docid-step` flags.

@@ -672,25 +672,20 @@ fn train_docids_command(config: Config, arguments: &TrainDocidsArgs) -> anyhow::
     let encoder = build_encoder(&config.encoder)?;
     println!("encoding {} products with {}", data.products.len(), encoder.cache_id());
     let texts: Vec<String> = data.products.iter().map(|product| crate::encoder::product_text(&product.content(), &config.encoder.text)).collect();
-    let mut embeddings = Vec::with_capacity(texts.len());
-    for chunk in texts.chunks(config.encoder.batch_size.max(1) * 4) {
-        let borrowed: Vec<&str> = chunk.iter().map(String::as_str).collect();
-        embeddings.extend(encoder.encode(&borrowed)?);
-    }
+    let embeddings = crate::encoder::encode_in_batches(encoder.as_ref(), &texts, config.encoder.batch_size.max(1) * 4)?;
     let index_of: std::collections::HashMap<&str, usize> = data.products.iter().enumerate().map(|(index, product)| (product.product_id.as_str(), index)).collect();
-    let mut by_query: std::collections::BTreeMap<&str, std::collections::BTreeMap<usize, Vec<usize>>> = std::collections::BTreeMap::new();
-    for judgement in &data.train {
-        let (Some(level), Some(&document)) = (judgement.level(), index_of.get(judgement.product_id.as_str())) else { continue };
-        by_query.entry(judgement.query.as_str()).or_default().entry(level.index()).or_default().push(document);
-    }
-    let queries: Vec<TrainingQuery> = by_query.into_values().map(|levels| TrainingQuery { levels: levels.into_iter().collect() }).collect();
+    // One TrainingQuery per query text: its judged products grouped by level.
+    let graded_queries = |judgements: &[crate::datasets::GradedJudgement]| -> Vec<TrainingQuery> {
+        let mut by_query: std::collections::BTreeMap<&str, std::collections::BTreeMap<usize, Vec<usize>>> = std::collections::BTreeMap::new();
+        for judgement in judgements {
+            let (Some(level), Some(&document)) = (judgement.level(), index_of.get(judgement.product_id.as_str())) else { continue };
+            by_query.entry(judgement.query.as_str()).or_default().entry(level.index()).or_default().push(document);
+        }
+        by_query.into_values().map(|levels| TrainingQuery { levels: levels.into_iter().collect() }).collect()
+    };
+    let queries = graded_queries(&data.train);
     // Test queries are only read after training, for the Table-3 statistic: nothing is selected on them.
-    let mut test_by_query: std::collections::BTreeMap<&str, std::collections::BTreeMap<usize, Vec<usize>>> = std::collections::BTreeMap::new();
-    for judgement in &data.test {
-        let (Some(level), Some(&document)) = (judgement.level(), index_of.get(judgement.product_id.as_str())) else { continue };
-        test_by_query.entry(judgement.query.as_str()).or_default().entry(level.index()).or_default().push(document);
-    }
-    let test_queries: Vec<TrainingQuery> = test_by_query.into_values().map(|levels| TrainingQuery { levels: levels.into_iter().collect() }).collect();
+    let test_queries = graded_queries(&data.test);
     let model = RqVaeConfig::new(encoder.dimension());
     let training = DocIdTrainingConfig::new(model).with_variant(arguments.variant).with_epochs(arguments.epochs).with_batch_size(arguments.batch_size);
     let (queries, validation_queries) = crate::docid::train::split_validation(queries, training.validation_fraction, training.seed);

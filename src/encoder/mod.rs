@@ -133,6 +133,16 @@ pub fn build_encoder(config: &EncoderConfig) -> Result<Arc<dyn TextEncoder>, Enc
     }
 }
 
+/// Encodes `texts` in calls of at most `batch_size` texts; one vector per text, in order.
+pub fn encode_in_batches(encoder: &dyn TextEncoder, texts: &[String], batch_size: usize) -> Result<Vec<Vec<f32>>, EncoderError> {
+    let mut vectors = Vec::with_capacity(texts.len());
+    for chunk in texts.chunks(batch_size.max(1)) {
+        let borrowed: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        vectors.extend(encoder.encode(&borrowed)?);
+    }
+    Ok(vectors)
+}
+
 /// Scales `vector` to unit L2 norm (the zero vector stays zero).
 pub fn l2_normalise(mut vector: Vec<f32>) -> Vec<f32> {
     let norm = vector.iter().map(|value| value * value).sum::<f32>().sqrt();
