@@ -9,11 +9,12 @@
 #   curl           the metrics scrape check
 #   prometheus     promtool, for `promtool check metrics`            (only with --ci)
 #   cmake          building the tansu broker used by the end-to-end test (only with --ci)
+#   gdb            thread stacks of a demo that stops making progress in CI  (only with --ci)
 set -euo pipefail
 
 packages=(libclang-dev g++ make libssl-dev zlib1g-dev pkg-config curl)
 if [[ "${1:-}" == "--ci" ]]; then
-  packages+=(prometheus cmake)
+  packages+=(prometheus cmake gdb)
 fi
 
 missing=()

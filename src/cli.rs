@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::config::{Config, FlagOverrides};
 use crate::datasets::{default_esci_dir, EsciDataset};
+use crate::docid::incremental::{DocIdAssigner, DocIdModel};
 use crate::encoder::cache::EmbeddingPool;
 use crate::encoder::{build_encoder, EncoderKind, TextEncoder};
 use crate::events::ExpectedEmbedding;
@@ -105,6 +106,13 @@ pub struct DemoArgs {
     /// Seed of the synthetic catalog.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Epochs of the DocID model trained on the indexed catalog (0: no DocID training; an
+    /// existing model in the state's model directory is used instead, if any).
+    #[arg(long, default_value_t = 20)]
+    pub docid_epochs: usize,
+    /// Products of a second wave produced after DocID training, which get DocIDs incrementally.
+    #[arg(long, default_value_t = 50)]
+    pub new_products: usize,
     /// Keep indexing (and serving /metrics) after the summary until interrupted.
     #[arg(long)]
     pub keep_running: bool,
@@ -200,8 +208,12 @@ pub struct EmbedArgs {
 pub struct TrainDocidsArgs {
     /// The graded ESCI folder (`products.jsonl`, `judgments_train.csv`) [default:
     /// $MERGE_INDEXER_ESCI_GRADED_DIR or ../shared/data/esci-graded]. Only train judgements are used.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "from_state")]
     pub data: Option<PathBuf>,
+    /// Train on what the indexer stored instead: every product with a vector under the
+    /// configured encoder and the graded judgements in state (stop the indexer first).
+    #[arg(long)]
+    pub from_state: bool,
     /// State directory the DocIDs are written to [default: ./state].
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
@@ -220,8 +232,9 @@ pub struct TrainDocidsArgs {
     /// Where the report is written as JSON.
     #[arg(long)]
     pub report_json: Option<PathBuf>,
-    /// Where the trained model (rqvae.safetensors) and its training config (config.json) go
-    /// [default: <state-dir>/docid-model].
+    /// Where the trained model goes: rqvae.safetensors, its training config (config.json) and
+    /// manifest.json (the encoder it reads) [default: `docids.model_dir`, else
+    /// <state-dir>/docid-model]. `run` and `demo` assign new products DocIDs with it.
     #[arg(long)]
     pub model_dir: Option<PathBuf>,
 }
@@ -402,36 +415,107 @@ pub fn start_embedding_workers(config: &mut Config, state: &Arc<StateStore>) -> 
     Ok((pool, encoder))
 }
 
+/// Starts DocID assignment for new products when `docids.assign_new_products` is on and a
+/// trained model is in the model directory. No model is not an error (DocIDs come with the
+/// first `train-docids`); an unreadable model, or one trained on another encoder's vectors, is.
+pub fn start_docid_assignment(config: &Config, state: &Arc<StateStore>, encoder: &dyn TextEncoder) -> anyhow::Result<Option<DocIdAssigner>> {
+    if !config.docids.assign_new_products {
+        return Ok(None);
+    }
+    let model_dir = config.docid_model_dir();
+    if !model_dir.join(crate::docid::incremental::MANIFEST_FILE).is_file() {
+        println!("DocIDs: no model in {} yet; new products get DocIDs once `merge-indexer train-docids` writes one", model_dir.display());
+        return Ok(None);
+    }
+    let model = DocIdModel::load(&model_dir)?;
+    let assigner = DocIdAssigner::start(
+        state,
+        model,
+        encoder.cache_id(),
+        config.docids.page_size,
+        Duration::from_millis(config.docids.idle_poll_ms.max(10)),
+    )?;
+    println!("DocIDs: new products are assigned with the model in {} ({:?})", model_dir.display(), assigner.model.manifest.variant);
+    Ok(Some(assigner))
+}
+
 async fn run_command(mut config: Config, until_caught_up: bool) -> anyhow::Result<()> {
     crate::metrics::install_exporter(config.metrics_addr)?;
     println!("metrics on http://{}/metrics", config.metrics_addr);
     let endpoint = KafkaEndpoint::from_config(&config)?;
     let state = open_state_for_cluster(&config, &endpoint)?;
-    let (embeddings, _encoder) = start_embedding_workers(&mut config, &state)?;
+    let (embeddings, encoder) = start_embedding_workers(&mut config, &state)?;
+    let docids = start_docid_assignment(&config, &state, encoder.as_ref())?;
     let config = Arc::new(config);
     let indexer = Indexer::connect(Arc::clone(&config), Arc::clone(&state), &endpoint.bootstrap_servers)?;
     let summary = indexer
         .run(shutdown_on_signals(), RunOptions { stop_when_caught_up: until_caught_up, max_batches: None })
         .await;
     let embedded = embeddings.stop();
+    let assigned = docids.map(DocIdAssigner::stop);
     let summary = summary?;
     println!("{}", serde_json::to_string(&summary)?);
-    println!("{}", serde_json::json!({ "embeddings": embedded }));
+    println!("{}", serde_json::json!({ "embeddings": embedded, "docids": assigned }));
     Ok(())
 }
 
 /// Waits until the embedding queue is empty (or `timeout` passes); returns whether it emptied.
-async fn wait_for_embeddings(state: &StateStore, timeout: Duration) -> anyhow::Result<bool> {
+/// Fails at once if the workers have died.
+async fn wait_for_embeddings(state: &StateStore, pool: &EmbeddingPool, timeout: Duration) -> anyhow::Result<bool> {
     let started = std::time::Instant::now();
     loop {
         if state.embedding_queue_is_empty()? {
             return Ok(true);
         }
+        anyhow::ensure!(!pool.any_finished(), "an embedding worker ended while products were queued (see the log above)");
         if started.elapsed() > timeout {
             return Ok(false);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Waits until the DocID queue is empty (or `timeout` passes); returns whether it emptied.
+/// Fails at once if the worker has died.
+async fn wait_for_docids(state: &StateStore, assigner: &DocIdAssigner, timeout: Duration) -> anyhow::Result<bool> {
+    let started = std::time::Instant::now();
+    loop {
+        if state.docid_queue_len()? == 0 {
+            return Ok(true);
+        }
+        anyhow::ensure!(!assigner.is_finished(), "the DocID worker ended while products were queued (see the log above)");
+        if started.elapsed() > timeout {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Trains a DocID model on what the demo indexed and stores its DocIDs and model.
+fn demo_train_docids(config: &Config, state: &StateStore, encoder: &dyn TextEncoder, epochs: usize) -> anyhow::Result<()> {
+    use crate::docid::model::RqVaeConfig;
+    use crate::docid::train::{DocIdTrainingConfig, TrainingSet, Variant};
+    let set = TrainingSet::from_state(state, encoder.cache_id())?;
+    anyhow::ensure!(!set.embeddings.is_empty(), "no product vectors to train DocIDs on");
+    let training = DocIdTrainingConfig::new(RqVaeConfig::new(encoder.dimension())).with_epochs(epochs).with_batch_size(256);
+    let (queries, _validation) = crate::docid::train::split_validation(set.queries, training.validation_fraction, training.seed);
+    println!("training DocIDs (MERGE, {epochs} epochs) on {} products and {} graded queries from state…", set.product_ids.len(), queries.len());
+    let manifest = docid_manifest(encoder, Variant::Merge, set.embeddings.len(), epochs);
+    let started = std::time::Instant::now();
+    let (progress, on_epoch) = epoch_progress(epochs);
+    let (docids, report) =
+        crate::docid::incremental::train_and_store(state, &set.product_ids, &set.embeddings, &queries, &training, &manifest, &config.docid_model_dir(), on_epoch)?;
+    progress.finish_and_clear();
+    println!(
+        "  {} DocIDs in {:.1} s: collisions before {} after {}; codes used per level {:?}; unique tokens per layer among each query's relevant products {:?}",
+        docids.len(),
+        started.elapsed().as_secs_f64(),
+        report.collisions_before,
+        report.collisions_after,
+        report.utilisation_per_level.iter().map(|value| format!("{:.0}%", value * 100.0)).collect::<Vec<_>>(),
+        report.unique_tokens_per_layer.iter().map(|value| format!("{value:.2}")).collect::<Vec<_>>(),
+    );
+    Ok(())
 }
 
 async fn demo_command(mut config: Config, arguments: &DemoArgs) -> anyhow::Result<()> {
@@ -457,9 +541,10 @@ async fn demo_command(mut config: Config, arguments: &DemoArgs) -> anyhow::Resul
     let indexer = Indexer::connect(Arc::clone(&config), Arc::clone(&state), &endpoint.bootstrap_servers)?;
     let shutdown = shutdown_on_signals();
     let summary = indexer.run(shutdown.clone(), RunOptions { stop_when_caught_up: true, max_batches: None }).await?;
-    print_demo_summary(&state, &summary, &indexer)?;
+    print_demo_summary(&state, &summary, &indexer).await?;
+    println!("  waiting for the embedding workers to drain the queue…");
     let embedding_started = std::time::Instant::now();
-    let drained = wait_for_embeddings(&state, Duration::from_secs(1800)).await?;
+    let drained = wait_for_embeddings(&state, &embeddings, Duration::from_secs(1800)).await?;
     println!(
         "  embeddings: {} vectors by {} ({}), queue {} after {:.1} s more",
         state.count_embeddings(encoder.cache_id())?,
@@ -471,11 +556,40 @@ async fn demo_command(mut config: Config, arguments: &DemoArgs) -> anyhow::Resul
     let rendered = metrics.render();
     let metric_lines = rendered.lines().filter(|line| !line.starts_with('#')).count();
     println!("metrics: {metric_lines} samples at http://{}/metrics", config.metrics_addr);
+    if !drained {
+        bail!("the embedding queue did not drain");
+    }
+    let docids = if arguments.docid_epochs > 0 {
+        demo_train_docids(&config, &state, encoder.as_ref(), arguments.docid_epochs)?;
+        start_docid_assignment(&config, &state, encoder.as_ref())?
+    } else {
+        start_docid_assignment(&config, &state, encoder.as_ref())?
+    };
+    if let Some(assigner) = &docids {
+        let wave_spec = SyntheticCatalogSpec { products: arguments.products + arguments.new_products, ..spec };
+        let wave = SyntheticCatalog::generate(&wave_spec).product_upserts_from(&config.kafka.topics.products, arguments.products);
+        let produced = produce_all(&producer, &wave).await?;
+        println!("second wave: produced {produced} new products; they get DocIDs incrementally");
+        let summary = indexer.run(shutdown.clone(), RunOptions { stop_when_caught_up: true, max_batches: None }).await?;
+        println!("  indexed {} more events", summary.records());
+        let drained = wait_for_embeddings(&state, &embeddings, Duration::from_secs(1800)).await?;
+        let assigned = drained && wait_for_docids(&state, assigner, Duration::from_secs(600)).await?;
+        let holders = state.docid_count()?;
+        let products = state.counts()?.products;
+        println!(
+            "  DocIDs: {holders} of {products} products hold one (a bijection: {}); queue {}",
+            state.docids_form_a_bijection()?,
+            if assigned { "empty" } else { "NOT empty" }
+        );
+    }
     if arguments.keep_running {
         println!("indexing continues until Ctrl-C");
         indexer.run(shutdown, RunOptions::default()).await?;
     }
     embeddings.stop();
+    if let Some(assigner) = docids {
+        assigner.stop();
+    }
     Ok(())
 }
 
@@ -522,7 +636,7 @@ fn embed_command(mut config: Config, arguments: &EmbedArgs) -> anyhow::Result<()
     Ok(())
 }
 
-fn print_demo_summary(state: &StateStore, summary: &RunSummary, indexer: &Indexer) -> anyhow::Result<()> {
+async fn print_demo_summary(state: &StateStore, summary: &RunSummary, indexer: &Indexer) -> anyhow::Result<()> {
     let counts = state.counts()?;
     let rate = summary.records() as f64 / summary.active_seconds.max(1e-9);
     println!("caught up: {} events in {} batches, {:.0} events/s while active", summary.records(), summary.batches, rate);
@@ -530,8 +644,15 @@ fn print_demo_summary(state: &StateStore, summary: &RunSummary, indexer: &Indexe
     println!("  products stored: {}, judgement pairs: {}", counts.products, counts.judgement_pairs);
     println!("  judgement pairs without a stored product: {}", state.count_judgements_without_product()?);
     println!("  dead letters by reason: {}", serde_json::to_string(&counts.dead_letters)?);
-    for lag in indexer.partition_lags()? {
-        println!("  {}/{}: next offset {} of {} (lag {})", lag.topic, lag.partition, lag.next_offset, lag.high_watermark, lag.lag);
+    // Bounded: a broker that stops answering must not hang the demo.
+    match tokio::time::timeout(Duration::from_secs(30), indexer.partition_lags_async()).await {
+        Ok(Ok(lags)) => {
+            for lag in lags {
+                println!("  {}/{}: next offset {} of {} (lag {})", lag.topic, lag.partition, lag.next_offset, lag.high_watermark, lag.lag);
+            }
+        }
+        Ok(Err(error)) => println!("  partition lags unavailable: {error:#}"),
+        Err(_elapsed) => println!("  partition lags unavailable: no watermarks from the broker within 30 s"),
     }
     Ok(())
 }
@@ -602,6 +723,10 @@ pub struct InspectReport {
     pub embeddings_by_encoder: std::collections::BTreeMap<String, u64>,
     /// Products waiting for a vector.
     pub embedding_queue: u64,
+    /// Products holding a DocID.
+    pub docids: u64,
+    /// Products waiting for a DocID.
+    pub docid_queue: u64,
 }
 
 /// Builds the `inspect` report of an open state.
@@ -615,6 +740,8 @@ pub fn inspect_report(state: &StateStore) -> anyhow::Result<InspectReport> {
     Ok(InspectReport {
         embeddings_by_encoder,
         embedding_queue,
+        docids: state.docid_count()?,
+        docid_queue: state.docid_queue_len()?,
         state_dir: state.path().to_owned(),
         kafka_cluster_id: state.bound_cluster_id()?,
         counts: state.counts()?,
@@ -655,6 +782,7 @@ fn inspect_command(config: &Config, json: bool) -> anyhow::Result<()> {
     for (cache_id, count) in &report.embeddings_by_encoder {
         println!("  {cache_id:<40} {count} vectors");
     }
+    println!("docids:           {} products hold one, {} queued", report.docids, report.docid_queue);
     println!("stored offsets (next to consume):");
     for (partition, next) in &report.stored_offsets {
         println!("  {partition:<40} {next}");
@@ -662,17 +790,24 @@ fn inspect_command(config: &Config, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn train_docids_command(config: Config, arguments: &TrainDocidsArgs) -> anyhow::Result<()> {
-    use crate::docid::train::{train_docids, DocIdTrainingConfig, TrainingQuery};
-    use crate::docid::model::RqVaeConfig;
-    use burn::config::Config as _;
-    use burn::store::{ModuleSnapshot, SafetensorsStore};
+/// Documents and queries for `train-docids`: the graded ESCI folder, or the indexer's state.
+struct DocIdTrainingData {
+    product_ids: Vec<String>,
+    embeddings: Vec<Vec<f32>>,
+    /// Training queries (the validation split is carved from them).
+    queries: Vec<crate::docid::train::TrainingQuery>,
+    /// Held-out test queries, read only after training for the Table-3 statistic.
+    test_queries: Vec<crate::docid::train::TrainingQuery>,
+}
+
+/// Reads the graded ESCI folder and encodes its products with `encoder`.
+fn esci_training_data(config: &Config, arguments: &TrainDocidsArgs, encoder: &dyn TextEncoder) -> anyhow::Result<DocIdTrainingData> {
+    use crate::docid::train::TrainingQuery;
     let directory = arguments.data.clone().unwrap_or_else(crate::datasets::default_esci_graded_dir);
     let data = crate::datasets::EsciGraded::load(&directory).with_context(|| format!("reading the graded ESCI folder {}", directory.display()))?;
-    let encoder = build_encoder(&config.encoder)?;
     println!("encoding {} products with {}", data.products.len(), encoder.cache_id());
     let texts: Vec<String> = data.products.iter().map(|product| crate::encoder::product_text(&product.content(), &config.encoder.text)).collect();
-    let embeddings = crate::encoder::encode_in_batches(encoder.as_ref(), &texts, config.encoder.batch_size.max(1) * 4)?;
+    let embeddings = crate::encoder::encode_in_batches(encoder, &texts, config.encoder.batch_size.max(1) * 4)?;
     let index_of: std::collections::HashMap<&str, usize> = data.products.iter().enumerate().map(|(index, product)| (product.product_id.as_str(), index)).collect();
     // One TrainingQuery per query text: its judged products grouped by level.
     let graded_queries = |judgements: &[crate::datasets::GradedJudgement]| -> Vec<TrainingQuery> {
@@ -683,56 +818,108 @@ fn train_docids_command(config: Config, arguments: &TrainDocidsArgs) -> anyhow::
         }
         by_query.into_values().map(|levels| TrainingQuery { levels: levels.into_iter().collect() }).collect()
     };
-    let queries = graded_queries(&data.train);
-    // Test queries are only read after training, for the Table-3 statistic: nothing is selected on them.
-    let test_queries = graded_queries(&data.test);
+    Ok(DocIdTrainingData {
+        product_ids: data.products.iter().map(|product| crate::datasets::esci_product_id(&product.locale, &product.product_id)).collect(),
+        embeddings,
+        queries: graded_queries(&data.train),
+        test_queries: graded_queries(&data.test),
+    })
+}
+
+/// A progress bar over `epochs` on a terminal; one line per epoch elsewhere (CI, logs).
+fn epoch_progress(epochs: usize) -> (indicatif::ProgressBar, impl FnMut(usize, &crate::docid::train::LossTerms)) {
+    let progress = indicatif::ProgressBar::new(epochs as u64);
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] epoch {pos}/{len} (eta {eta}) {msg}")
+            .expect("a valid progress template")
+            .progress_chars("=> "),
+    );
+    let bar = progress.clone();
+    let on_epoch = move |epoch: usize, terms: &crate::docid::train::LossTerms| {
+        let line = format!(
+            "total {:.4}  recon {:.4}  rq {:.4}  align {:.4}  rel {:.4}",
+            terms.total, terms.reconstruction, terms.rq, terms.align, terms.relevance
+        );
+        bar.inc(1);
+        if bar.is_hidden() {
+            eprintln!("epoch {:>4}: {line}", epoch + 1);
+        } else {
+            bar.set_message(line);
+        }
+    };
+    (progress, on_epoch)
+}
+
+/// The manifest of a model trained now on `documents` vectors of `encoder`.
+fn docid_manifest(encoder: &dyn TextEncoder, variant: crate::docid::train::Variant, documents: usize, epochs: usize) -> crate::docid::incremental::DocIdModelManifest {
+    crate::docid::incremental::DocIdModelManifest {
+        format_version: crate::docid::incremental::MANIFEST_FORMAT_VERSION,
+        encoder_cache_id: encoder.cache_id().to_owned(),
+        encoder_model: encoder.model_name().to_owned(),
+        embedding_dimension: encoder.dimension(),
+        variant,
+        trained_documents: documents,
+        epochs,
+        created_unix_seconds: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|elapsed| elapsed.as_secs()).unwrap_or(0),
+    }
+}
+
+fn train_docids_command(config: Config, arguments: &TrainDocidsArgs) -> anyhow::Result<()> {
+    use crate::docid::model::RqVaeConfig;
+    use crate::docid::train::DocIdTrainingConfig;
+    let encoder = build_encoder(&config.encoder)?;
+    let state = StateStore::open(&config.state_dir, &config.state)
+        .with_context(|| format!("opening the state in {} (a running indexer holds it: stop it first)", config.state_dir.display()))?;
+    let data = if arguments.from_state {
+        let set = crate::docid::train::TrainingSet::from_state(&state, encoder.cache_id())?;
+        println!(
+            "read {} products with {} vectors and {} graded queries from {} ({} products without a vector yet are left out)",
+            set.product_ids.len(),
+            encoder.cache_id(),
+            set.queries.len(),
+            config.state_dir.display(),
+            set.products_without_vector
+        );
+        DocIdTrainingData { product_ids: set.product_ids, embeddings: set.embeddings, queries: set.queries, test_queries: Vec::new() }
+    } else {
+        esci_training_data(&config, arguments, encoder.as_ref())?
+    };
+    anyhow::ensure!(!data.embeddings.is_empty(), "no products with vectors to train on");
     let model = RqVaeConfig::new(encoder.dimension());
     let training = DocIdTrainingConfig::new(model).with_variant(arguments.variant).with_epochs(arguments.epochs).with_batch_size(arguments.batch_size);
-    let (queries, validation_queries) = crate::docid::train::split_validation(queries, training.validation_fraction, training.seed);
+    let (queries, validation_queries) = crate::docid::train::split_validation(data.queries, training.validation_fraction, training.seed);
     println!(
         "training {:?} on {} products, {} train queries ({} more held out for validation), {} epochs",
         arguments.variant,
-        embeddings.len(),
+        data.embeddings.len(),
         queries.len(),
         validation_queries.len(),
         arguments.epochs
     );
-    let device = burn::tensor::Device::<crate::encoder::InferenceBackend>::default();
-    let (docids, report, model) = train_docids::<burn::backend::Autodiff<crate::encoder::InferenceBackend>>(&training, &embeddings, &queries, &device, |epoch, terms| {
-        eprintln!(
-            "epoch {:>4}: total {:.4}  recon {:.4}  rq {:.4}  align {:.4}  rel {:.4}",
-            epoch + 1, terms.total, terms.reconstruction, terms.rq, terms.align, terms.relevance
-        );
-    })?;
-    let pairs: Vec<(String, crate::docid::DocId)> = data
-        .products
-        .iter()
-        .zip(&docids)
-        .map(|(product, docid)| (crate::datasets::esci_product_id(&product.locale, &product.product_id), docid.clone()))
-        .collect();
-    let state = StateStore::open(&config.state_dir, &config.state)?;
-    state.replace_docids(&pairs)?;
-    let model_dir = arguments.model_dir.clone().unwrap_or_else(|| config.state_dir.join("docid-model"));
-    std::fs::create_dir_all(&model_dir)?;
-    training.save(model_dir.join("config.json"))?;
-    let mut store = SafetensorsStore::from_file(model_dir.join("rqvae.safetensors"));
-    model.save_into(&mut store).map_err(|error| anyhow::anyhow!("saving the model: {error}"))?;
-    let unique_tokens_test = crate::docid::train::unique_tokens_per_layer(&docids, &test_queries, report.unique_tokens_per_layer.len());
-    let unique_tokens_validation = crate::docid::train::unique_tokens_per_layer(&docids, &validation_queries, report.unique_tokens_per_layer.len());
+    let model_dir = arguments.model_dir.clone().unwrap_or_else(|| config.docid_model_dir());
+    let manifest = docid_manifest(encoder.as_ref(), arguments.variant, data.embeddings.len(), arguments.epochs);
+    let (progress, on_epoch) = epoch_progress(arguments.epochs);
+    let (docids, report) =
+        crate::docid::incremental::train_and_store(&state, &data.product_ids, &data.embeddings, &queries, &training, &manifest, &model_dir, on_epoch)?;
+    progress.finish();
+    let levels = report.unique_tokens_per_layer.len();
+    let unique_tokens_test = crate::docid::train::unique_tokens_per_layer(&docids, &data.test_queries, levels);
+    let unique_tokens_validation = crate::docid::train::unique_tokens_per_layer(&docids, &validation_queries, levels);
     let mut report_value = serde_json::to_value(&report)?;
     report_value["unique_tokens_per_layer_test"] = serde_json::json!(unique_tokens_test);
     report_value["unique_tokens_per_layer_validation"] = serde_json::json!(unique_tokens_validation);
     report_value["validation_queries"] = serde_json::json!(validation_queries.len());
     report_value["train_queries"] = serde_json::json!(queries.len());
-    report_value["test_queries"] = serde_json::json!(test_queries.len());
+    report_value["test_queries"] = serde_json::json!(data.test_queries.len());
     report_value["encoder"] = serde_json::json!(encoder.cache_id());
+    report_value["source"] = serde_json::json!(if arguments.from_state { "state" } else { "esci-graded" });
     let report_json = serde_json::to_string_pretty(&report_value)?;
     if let Some(path) = &arguments.report_json {
         std::fs::write(path, &report_json)?;
     }
     println!(
         "DocIDs: {} products, collisions before {} after {} (moved within prefix {}, up {}); utilisation per level {:?}; unique tokens per layer (Table 3) train {:?} validation {:?} test {:?}; {:.3} s/step",
-        pairs.len(),
+        docids.len(),
         report.collisions_before,
         report.collisions_after,
         report.assignment.reassigned_in_prefix,
@@ -743,6 +930,6 @@ fn train_docids_command(config: Config, arguments: &TrainDocidsArgs) -> anyhow::
         unique_tokens_test.iter().map(|value| format!("{value:.2}")).collect::<Vec<_>>(),
         report.seconds_per_step
     );
-    println!("stored in {}; model and config in {}", config.state_dir.display(), model_dir.display());
+    println!("stored in {}; model, config and manifest in {}", config.state_dir.display(), model_dir.display());
     Ok(())
 }

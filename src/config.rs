@@ -19,7 +19,7 @@ use crate::state::StateOptions;
 pub const ENV_PREFIX: &str = "MERGE_INDEXER_";
 
 /// Top-level keys of [`Config`], the only ones read from the environment.
-const TOP_LEVEL_KEYS: [&str; 8] = ["state_dir", "metrics_addr", "kafka", "batch", "validation", "relevance", "state", "encoder"];
+const TOP_LEVEL_KEYS: [&str; 9] = ["state_dir", "metrics_addr", "kafka", "batch", "validation", "relevance", "state", "encoder", "docids"];
 
 /// The whole configuration.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -41,6 +41,35 @@ pub struct Config {
     pub state: StateOptions,
     /// Text encoder and embedding workers.
     pub encoder: EncoderConfig,
+    /// DocID model and incremental assignment.
+    pub docids: DocIdConfig,
+}
+
+/// Where the DocID model lives and how new products get DocIDs between retrains.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DocIdConfig {
+    /// Directory of the trained model `train-docids` writes (default `<state_dir>/docid-model`).
+    pub model_dir: Option<PathBuf>,
+    /// Assign DocIDs to new products when a model is present (default true).
+    pub assign_new_products: bool,
+    /// Queued products quantized and persisted per write.
+    pub page_size: usize,
+    /// Pause after a pass that assigned nothing, in milliseconds.
+    pub idle_poll_ms: u64,
+}
+
+impl Default for DocIdConfig {
+    fn default() -> Self {
+        Self { model_dir: None, assign_new_products: true, page_size: 256, idle_poll_ms: 200 }
+    }
+}
+
+impl Config {
+    /// The DocID model directory: `docids.model_dir`, else `<state_dir>/docid-model`.
+    pub fn docid_model_dir(&self) -> PathBuf {
+        self.docids.model_dir.clone().unwrap_or_else(|| self.state_dir.join("docid-model"))
+    }
 }
 
 impl Default for Config {
@@ -54,6 +83,7 @@ impl Default for Config {
             relevance: RelevanceMapping::default(),
             state: StateOptions::default(),
             encoder: EncoderConfig::default(),
+            docids: DocIdConfig::default(),
         }
     }
 }

@@ -42,6 +42,13 @@ pub const EMBEDDING_CACHE_HITS_TOTAL: &str = "merge_indexer_embedding_cache_hits
 pub const EMBEDDING_QUEUE_PRODUCTS: &str = "merge_indexer_embedding_queue_products";
 /// Histogram: time to encode one batch of product texts.
 pub const EMBEDDING_BATCH_DURATION_SECONDS: &str = "merge_indexer_embedding_batch_duration_seconds";
+/// Counter: products placed by the DocID worker, by placement (quantizer_codes,
+/// last_level_resolved, overflow, already_assigned, product_gone, space_full).
+pub const DOCID_ASSIGNMENTS_TOTAL: &str = "merge_indexer_docid_assignments_total";
+/// Gauge: products waiting for a DocID.
+pub const DOCID_QUEUE_PRODUCTS: &str = "merge_indexer_docid_queue_products";
+/// Histogram: seconds to quantize and persist one page of DocID assignments.
+pub const DOCID_ASSIGNMENT_BATCH_DURATION_SECONDS: &str = "merge_indexer_docid_assignment_batch_duration_seconds";
 /// Gauge: always 1, with `version` and `backend` labels.
 pub const BUILD_INFO: &str = "merge_indexer_build_info";
 
@@ -73,7 +80,8 @@ fn builder() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildErro
     PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(BATCH_APPLY_DURATION_SECONDS.into()), &BATCH_APPLY_DURATION_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(BATCH_EVENTS.into()), &BATCH_EVENTS_BUCKETS)?
-        .set_buckets_for_metric(Matcher::Full(EMBEDDING_BATCH_DURATION_SECONDS.into()), &EMBEDDING_BATCH_DURATION_BUCKETS)
+        .set_buckets_for_metric(Matcher::Full(EMBEDDING_BATCH_DURATION_SECONDS.into()), &EMBEDDING_BATCH_DURATION_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(DOCID_ASSIGNMENT_BATCH_DURATION_SECONDS.into()), &EMBEDDING_BATCH_DURATION_BUCKETS)
 }
 
 /// Installs the global recorder and serves `/metrics` on `addr` (needs a Tokio runtime).
@@ -125,6 +133,9 @@ pub fn describe_metrics() {
     describe_counter!(EMBEDDING_CACHE_HITS_TOTAL, "Queued products whose vector was already cached for their content hash.");
     describe_gauge!(EMBEDDING_QUEUE_PRODUCTS, "Products waiting for a vector (estimate).");
     describe_histogram!(EMBEDDING_BATCH_DURATION_SECONDS, Unit::Seconds, "Time to encode one batch of product texts.");
+    describe_counter!(DOCID_ASSIGNMENTS_TOTAL, "Products placed by the DocID worker, by placement (quantizer_codes, last_level_resolved, overflow, already_assigned, product_gone, space_full).");
+    describe_gauge!(DOCID_QUEUE_PRODUCTS, "Products waiting for a DocID (most wait for their vector).");
+    describe_histogram!(DOCID_ASSIGNMENT_BATCH_DURATION_SECONDS, Unit::Seconds, "Time to quantize and persist one page of DocID assignments.");
     describe_gauge!(BUILD_INFO, "Build information; always 1.");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "backend" => crate::BACKEND_NAME).set(1.0);
 }

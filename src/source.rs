@@ -249,6 +249,14 @@ impl Indexer {
         partition_lags(&self.consumer, &self.state)
     }
 
+    /// [`Indexer::partition_lags`] on a blocking thread, so the async runtime keeps running
+    /// while the broker answers.
+    pub async fn partition_lags_async(&self) -> anyhow::Result<Vec<PartitionLag>> {
+        let consumer = Arc::clone(&self.consumer);
+        let state = Arc::clone(&self.state);
+        tokio::task::spawn_blocking(move || partition_lags(&consumer, &state)).await?
+    }
+
     /// Consumes and applies batches until `shutdown` turns true or `options` say to stop.
     ///
     /// Batches are pipelined one deep: while batch *k* is written to RocksDB on a blocking

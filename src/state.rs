@@ -22,10 +22,13 @@ pub const JUDGEMENTS_CF: &str = "judgements";
 pub const OFFSETS_CF: &str = "offsets";
 /// Column family of counters and format markers: UTF-8 name → `i64` little-endian.
 pub const META_CF: &str = "meta";
-/// Reserved for DocID assignment: `product_id` → 4 code bytes.
+/// DocIDs: `product_id` → its code bytes (one per level).
 pub const DOCIDS_CF: &str = "docids";
-/// Reserved for DocID assignment: 4 code bytes → `product_id` (the reverse of [`DOCIDS_CF`]).
+/// DocIDs: code bytes → `product_id` (the reverse of [`DOCIDS_CF`]; together a bijection).
 pub const DOCID_REVERSE_CF: &str = "docid_reverse";
+/// Products waiting for a DocID between retrains: `product_id` → empty value. Written in the
+/// same batch as the product's first upsert; removed when its DocID is written.
+pub const DOCID_QUEUE_CF: &str = "docid_queue";
 
 /// Embedding cache: [`embedding_key`] (encoder cache id, product content hash) → the vector as
 /// little-endian `f32`s.
@@ -34,8 +37,8 @@ pub const EMBEDDINGS_CF: &str = "embeddings";
 pub const EMBEDDING_QUEUE_CF: &str = "embedding_queue";
 
 /// Every column family, in creation order.
-pub const COLUMN_FAMILIES: [&str; 8] =
-    [PRODUCTS_CF, JUDGEMENTS_CF, OFFSETS_CF, META_CF, DOCIDS_CF, DOCID_REVERSE_CF, EMBEDDINGS_CF, EMBEDDING_QUEUE_CF];
+pub const COLUMN_FAMILIES: [&str; 9] =
+    [PRODUCTS_CF, JUDGEMENTS_CF, OFFSETS_CF, META_CF, DOCIDS_CF, DOCID_REVERSE_CF, EMBEDDINGS_CF, EMBEDDING_QUEUE_CF, DOCID_QUEUE_CF];
 
 /// Version of the on-disk layout, stored under [`FORMAT_VERSION_KEY`] in `meta`.
 pub const FORMAT_VERSION: i64 = 1;
@@ -46,6 +49,38 @@ const PRODUCT_COUNT_KEY: &str = "count/products";
 const JUDGEMENT_PAIR_COUNT_KEY: &str = "count/judgement_pairs";
 const DEAD_LETTER_COUNT_PREFIX: &str = "count/dead_letters/";
 const EVENT_COUNT_PREFIX: &str = "count/events/";
+
+/// How [`StateStore::assign_docids`] placed one product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DocIdPlacement {
+    /// The quantizer's own codes were free.
+    QuantizerCodes,
+    /// Same prefix, another (the cheapest free) last-level code.
+    LastLevelResolved,
+    /// The prefix was full; placed by the overflow rule under another prefix.
+    Overflow,
+    /// The product already had a DocID; it keeps it.
+    AlreadyAssigned,
+    /// The product is no longer stored; nothing assigned.
+    ProductGone,
+    /// No free DocID at all; the product stays queued.
+    SpaceFull,
+}
+
+impl DocIdPlacement {
+    /// Label value for metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::QuantizerCodes => "quantizer_codes",
+            Self::LastLevelResolved => "last_level_resolved",
+            Self::Overflow => "overflow",
+            Self::AlreadyAssigned => "already_assigned",
+            Self::ProductGone => "product_gone",
+            Self::SpaceFull => "space_full",
+        }
+    }
+}
 
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -737,10 +772,10 @@ impl StateStore {
         Ok(count)
     }
 
-    /// Up to `limit` queued products in key order, starting after `after` (exclusive), keeping
-    /// those `accept` says this worker owns.
-    pub fn embedding_queue_page(&self, after: Option<&str>, limit: usize, accept: impl Fn(&str) -> bool) -> Result<Vec<QueuedProduct>, StateError> {
-        let Some(column_family) = self.try_column_family(EMBEDDING_QUEUE_CF) else {
+    /// Up to `limit` entries of queue `column_family` in key order, starting after `after`
+    /// (exclusive), keeping the product ids `accept` says this worker owns.
+    fn queue_page(&self, column_family: &'static str, after: Option<&str>, limit: usize, accept: impl Fn(&str) -> bool) -> Result<Vec<(String, Vec<u8>)>, StateError> {
+        let Some(handle) = self.try_column_family(column_family) else {
             return Ok(Vec::new());
         };
         let mode = match after {
@@ -748,7 +783,7 @@ impl StateStore {
             None => IteratorMode::Start,
         };
         let mut page = Vec::new();
-        for entry in self.database.iterator_cf(column_family, mode) {
+        for entry in self.database.iterator_cf(handle, mode) {
             if page.len() >= limit {
                 break;
             }
@@ -757,9 +792,57 @@ impl StateStore {
             if after.is_some_and(|after| after == product_id) || !accept(&product_id) {
                 continue;
             }
-            page.push(QueuedProduct { product_id, content_hash: decode_content_hash(&value, EMBEDDING_QUEUE_CF)? });
+            page.push((product_id, value.to_vec()));
         }
         Ok(page)
+    }
+
+    /// Up to `limit` products waiting for a vector in key order, starting after `after`
+    /// (exclusive), keeping those `accept` says this worker owns.
+    pub fn embedding_queue_page(&self, after: Option<&str>, limit: usize, accept: impl Fn(&str) -> bool) -> Result<Vec<QueuedProduct>, StateError> {
+        self.queue_page(EMBEDDING_QUEUE_CF, after, limit, accept)?
+            .into_iter()
+            .map(|(product_id, value)| Ok(QueuedProduct { product_id, content_hash: decode_content_hash(&value, EMBEDDING_QUEUE_CF)? }))
+            .collect()
+    }
+
+    /// Up to `limit` products waiting for a DocID in key order, starting after `after` (exclusive).
+    pub fn docid_queue_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, StateError> {
+        Ok(self.queue_page(DOCID_QUEUE_CF, after, limit, |_| true)?.into_iter().map(|(product_id, _)| product_id).collect())
+    }
+
+    /// Exact number of products waiting for a DocID (a key scan; for `inspect` and the gauge).
+    pub fn docid_queue_len(&self) -> Result<u64, StateError> {
+        let Some(handle) = self.try_column_family(DOCID_QUEUE_CF) else {
+            return Ok(0);
+        };
+        let mut count = 0;
+        for entry in self.database.iterator_cf(handle, IteratorMode::Start) {
+            entry.map_err(|error| self.rocks_error(error))?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// Queues every stored product without a DocID: run when DocID assignment starts, it
+    /// covers products stored before the queue existed and those a retrain's map left out.
+    /// Returns how many were queued.
+    pub fn enqueue_missing_docids(&self) -> Result<u64, StateError> {
+        let products = self.column_family(PRODUCTS_CF);
+        let forward = self.column_family(DOCIDS_CF);
+        let queue = self.column_family(DOCID_QUEUE_CF);
+        let _exclusive = self.docid_write_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut batch = WriteBatch::default();
+        let mut queued = 0;
+        for entry in self.database.iterator_cf(products, IteratorMode::Start) {
+            let (key, _) = entry.map_err(|error| self.rocks_error(error))?;
+            if self.database.get_pinned_cf(forward, &key).map_err(|error| self.rocks_error(error))?.is_none() {
+                batch.put_cf(queue, &key, []);
+                queued += 1;
+            }
+        }
+        self.database.write(batch).map_err(|error| self.rocks_error(error))?;
+        Ok(queued)
     }
 
     /// RocksDB's estimate of the queued products (exact after a flush; for the gauge).
@@ -862,6 +945,43 @@ impl StateStore {
         Ok(self.get(DOCID_REVERSE_CF, docid.as_bytes())?.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()))
     }
 
+    /// Whether the DocID map is a bijection over stored products: every forward entry has its
+    /// reverse entry and a stored product, and there are as many reverse as forward entries.
+    pub fn docids_form_a_bijection(&self) -> Result<bool, StateError> {
+        let forward = self.docids()?;
+        for (product_id, docid) in &forward {
+            if self.product_for_docid(docid)?.as_deref() != Some(product_id.as_str()) || self.product_content_hash(product_id)?.is_none() {
+                return Ok(false);
+            }
+        }
+        let mut reverse = 0usize;
+        for entry in self.database.iterator_cf(self.column_family(DOCID_REVERSE_CF), IteratorMode::Start) {
+            entry.map_err(|error| self.rocks_error(error))?;
+            reverse += 1;
+        }
+        Ok(reverse == forward.len())
+    }
+
+    /// Every stored product id, in key order.
+    pub fn product_ids(&self) -> Result<Vec<String>, StateError> {
+        let mut ids = Vec::new();
+        for entry in self.database.iterator_cf(self.column_family(PRODUCTS_CF), IteratorMode::Start) {
+            let (key, _) = entry.map_err(|error| self.rocks_error(error))?;
+            ids.push(String::from_utf8_lossy(&key).into_owned());
+        }
+        Ok(ids)
+    }
+
+    /// Products holding a DocID (a key scan).
+    pub fn docid_count(&self) -> Result<u64, StateError> {
+        let mut count = 0;
+        for entry in self.database.iterator_cf(self.column_family(DOCIDS_CF), IteratorMode::Start) {
+            entry.map_err(|error| self.rocks_error(error))?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
     /// Every (product, DocID) pair, in product order.
     pub fn docids(&self) -> Result<Vec<(String, crate::docid::DocId)>, StateError> {
         let mut pairs = Vec::new();
@@ -899,41 +1019,91 @@ impl StateStore {
         self.database.write(batch).map_err(|error| self.rocks_error(error))
     }
 
-    /// Gives one new product a DocID between retrains: its quantizer codes if free, else the
-    /// cheapest free last-level code under its prefix, else the overflow rule of
-    /// [`crate::docid::resolve_collisions`]; written in both directions in one atomic write.
-    /// A product that already has a DocID keeps it (idempotent). `None` when the space is full.
+    /// Gives one product a DocID between retrains (see [`StateStore::assign_docids`]). `None`
+    /// when the product is not stored or the code space is full.
     pub fn assign_docid(
         &self,
         product_id: &str,
         document: &crate::docid::DocumentCodes,
         space: crate::docid::CodeSpace,
     ) -> Result<Option<crate::docid::DocId>, StateError> {
-        let _exclusive = self.docid_write_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(existing) = self.docid(product_id)? {
-            return Ok(Some(existing));
-        }
+        let assigned = self.assign_docids(&[(product_id.to_owned(), document.clone())], space)?;
+        Ok(assigned.into_iter().next().and_then(|(_, docid)| docid))
+    }
+
+    /// Gives products DocIDs between retrains, in one atomic write with their DocID-queue
+    /// entries removed: each gets its quantizer codes if free, else the cheapest free
+    /// last-level code under its prefix, else the overflow rule of
+    /// [`crate::docid::resolve_collisions`]. A product that already has a DocID keeps it; a
+    /// product no longer stored gets none. Both dequeue. A product for which the space is
+    /// full stays queued. Returns, per input, how it was placed and its DocID.
+    pub fn assign_docids(
+        &self,
+        documents: &[(String, crate::docid::DocumentCodes)],
+        space: crate::docid::CodeSpace,
+    ) -> Result<Vec<(DocIdPlacement, Option<crate::docid::DocId>)>, StateError> {
+        let forward = self.column_family(DOCIDS_CF);
         let reverse = self.column_family(DOCID_REVERSE_CF);
-        let lookup_failed = std::cell::RefCell::new(None);
-        let is_occupied = |docid: &[u8]| match self.database.get_pinned_cf(reverse, docid) {
-            Ok(found) => found.is_some(),
-            Err(error) => {
-                lookup_failed.borrow_mut().get_or_insert(error);
-                true
-            }
-        };
-        let placed = crate::docid::assign::place_one(document, space, &is_occupied);
-        if let Some(error) = lookup_failed.into_inner() {
-            return Err(self.rocks_error(error));
-        }
-        let Some(codes) = placed else {
-            return Ok(None);
-        };
+        let queue = self.column_family(DOCID_QUEUE_CF);
+        let _exclusive = self.docid_write_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut batch = WriteBatch::default();
-        batch.put_cf(self.column_family(DOCIDS_CF), product_id.as_bytes(), &codes);
-        batch.put_cf(reverse, &codes, product_id.as_bytes());
+        let mut taken_in_batch: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
+        let mut placed_products: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        let mut outcomes = Vec::with_capacity(documents.len());
+        for (product_id, document) in documents {
+            debug_assert_eq!(document.codes.len(), space.levels);
+            if let Some(existing) = self.docid(product_id)? {
+                batch.delete_cf(queue, product_id.as_bytes());
+                outcomes.push((DocIdPlacement::AlreadyAssigned, Some(existing)));
+                continue;
+            }
+            if placed_products.contains(product_id.as_str()) {
+                let earlier = outcomes.iter().zip(documents).find(|(_, (earlier, _))| earlier == product_id).and_then(|((_, docid), _)| docid.clone());
+                outcomes.push((DocIdPlacement::AlreadyAssigned, earlier));
+                continue;
+            }
+            if self.product_content_hash(product_id)?.is_none() {
+                batch.delete_cf(queue, product_id.as_bytes());
+                outcomes.push((DocIdPlacement::ProductGone, None));
+                continue;
+            }
+            let lookup_failed = std::cell::RefCell::new(None);
+            let is_occupied = |docid: &[u8]| {
+                if taken_in_batch.contains(docid) {
+                    return true;
+                }
+                match self.database.get_pinned_cf(reverse, docid) {
+                    Ok(found) => found.is_some(),
+                    Err(error) => {
+                        lookup_failed.borrow_mut().get_or_insert(error);
+                        true
+                    }
+                }
+            };
+            let placed = crate::docid::assign::place_one(document, space, &is_occupied);
+            if let Some(error) = lookup_failed.into_inner() {
+                return Err(self.rocks_error(error));
+            }
+            let Some(codes) = placed else {
+                outcomes.push((DocIdPlacement::SpaceFull, None));
+                continue;
+            };
+            let placement = if codes == document.codes {
+                DocIdPlacement::QuantizerCodes
+            } else if codes[..codes.len() - 1] == document.codes[..codes.len() - 1] {
+                DocIdPlacement::LastLevelResolved
+            } else {
+                DocIdPlacement::Overflow
+            };
+            batch.put_cf(forward, product_id.as_bytes(), &codes);
+            batch.put_cf(reverse, &codes, product_id.as_bytes());
+            batch.delete_cf(queue, product_id.as_bytes());
+            taken_in_batch.insert(codes.clone());
+            placed_products.insert(product_id);
+            outcomes.push((placement, Some(crate::docid::DocId(codes))));
+        }
         self.database.write(batch).map_err(|error| self.rocks_error(error))?;
-        Ok(Some(crate::docid::DocId(codes)))
+        Ok(outcomes)
     }
 
     /// The counters kept in `meta`.
@@ -1021,6 +1191,9 @@ struct PendingBatch<'store> {
     embedding_queue: HashMap<String, Option<ContentHash>>,
     /// Precomputed vectors to cache: (embedding key, encoded vector).
     embeddings: Vec<(Vec<u8>, Vec<u8>)>,
+    /// DocID queue changes: `true` to queue (a product new to state), `false` to dequeue (a
+    /// delete; its DocID is freed at commit).
+    docid_queue: HashMap<String, bool>,
 }
 
 impl<'store> PendingBatch<'store> {
@@ -1029,6 +1202,7 @@ impl<'store> PendingBatch<'store> {
             store,
             embedding_queue: HashMap::new(),
             embeddings: Vec::new(),
+            docid_queue: HashMap::new(),
             products: HashMap::new(),
             judgements: FxHashMap::default(),
             stored_judgements: FxHashMap::default(),
@@ -1059,6 +1233,7 @@ impl<'store> PendingBatch<'store> {
                 }
                 if existing.is_none() {
                     self.add_counter(PRODUCT_COUNT_KEY.into(), 1);
+                    self.docid_queue.insert(product_id.clone(), true);
                 }
                 self.products.insert(product_id.clone(), Some((hash, value)));
                 let target = self.store.embedding_target();
@@ -1081,6 +1256,7 @@ impl<'store> PendingBatch<'store> {
                 self.add_counter(PRODUCT_COUNT_KEY.into(), -1);
                 self.products.insert(product_id.clone(), None);
                 self.embedding_queue.insert(product_id.clone(), None);
+                self.docid_queue.insert(product_id.clone(), false);
                 Ok(ApplyOutcome::Applied)
             }
         }
@@ -1171,10 +1347,32 @@ impl<'store> PendingBatch<'store> {
         for ((topic, partition), next) in &self.next_offsets {
             batch.put_cf(offsets, offset_key(topic, *partition), next.to_be_bytes());
         }
-        let write_bytes = batch.size_in_bytes();
+        let docid_queue = store.column_family(DOCID_QUEUE_CF);
+        for (product_id, queued) in &self.docid_queue {
+            if *queued {
+                batch.put_cf(docid_queue, product_id.as_bytes(), []);
+            } else {
+                batch.delete_cf(docid_queue, product_id.as_bytes());
+            }
+        }
         let mut write_options = WriteOptions::default();
         write_options.set_sync(store.write_options_sync);
-        let _exclusive = store.queue_write_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Lock order: DocIDs, then the embedding queue (as everywhere else).
+        let _docids_exclusive = store.docid_write_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A deleted product's DocID is freed in the same write. Read under the lock, so an
+        // assignment cannot land between this read and the write.
+        let (forward, reverse) = (store.column_family(DOCIDS_CF), store.column_family(DOCID_REVERSE_CF));
+        for (product_id, stored) in &self.products {
+            if stored.is_some() {
+                continue;
+            }
+            if let Some(docid) = store.get(DOCIDS_CF, product_id.as_bytes())? {
+                batch.delete_cf(forward, product_id.as_bytes());
+                batch.delete_cf(reverse, docid);
+            }
+        }
+        let write_bytes = batch.size_in_bytes();
+        let _queue_exclusive = store.queue_write_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         store.database.write_opt(batch, &write_options).map_err(|error| store.rocks_error(error))?;
         Ok(write_bytes)
     }

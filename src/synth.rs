@@ -156,6 +156,21 @@ impl SyntheticCatalog {
         Self { products, judgements, product_events, query_events }
     }
 
+    /// Upserts of the products with index `first_index` or above (`SYN-{index}`), in index
+    /// order: a catalog generated with more products starts with the same ones, so this is the
+    /// "second wave" a smaller catalog of `first_index` products lacks.
+    pub fn product_upserts_from(&self, products_topic: &str, first_index: usize) -> Vec<OutgoingMessage> {
+        self.products
+            .values()
+            .filter(|product| product.product_id.strip_prefix("SYN-").and_then(|index| index.parse::<usize>().ok()).is_some_and(|index| index >= first_index))
+            .map(|product| OutgoingMessage {
+                topic: products_topic.to_owned(),
+                key: Some(product.product_id.as_bytes().to_vec()),
+                payload: Some(encode_product_upsert(&product.product_id, &product.content)),
+            })
+            .collect()
+    }
+
     /// All events as messages for the given topic names, products first.
     pub fn messages(&self, products_topic: &str, query_events_topic: &str) -> Vec<OutgoingMessage> {
         let products = self.product_events.iter().map(|(product_id, payload)| OutgoingMessage {

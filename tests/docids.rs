@@ -5,11 +5,26 @@
 use std::collections::BTreeSet;
 
 use merge_indexer::docid::{resolve_collisions, CodeSpace, DocId, DocumentCodes, SinkhornConfig};
-use merge_indexer::state::{StateOptions, StateStore};
+use merge_indexer::events::{ProductContent, ProductEvent, RelevanceMapping};
+use merge_indexer::state::{DecodedRecord, SourcePosition, SourcedRecord, StateOptions, StateStore};
 use rand::{Rng, SeedableRng};
 
 fn document(codes: &[u8], costs: Vec<f32>) -> DocumentCodes {
     DocumentCodes { codes: codes.to_vec(), last_level_costs: costs }
+}
+
+/// Stores products `ids` (DocIDs are only given to stored products).
+fn store_products(state: &StateStore, ids: impl IntoIterator<Item = String>) {
+    let next = state.next_offset("products", 0).unwrap().unwrap_or(0);
+    let records: Vec<SourcedRecord> = ids
+        .into_iter()
+        .enumerate()
+        .map(|(index, product_id)| SourcedRecord {
+            position: SourcePosition { topic: "products".into(), partition: 0, offset: next + index as i64 },
+            record: DecodedRecord::Product(ProductEvent::Upsert { content: ProductContent::with_title(&format!("title of {product_id}")), product_id, embedding: None }),
+        })
+        .collect();
+    state.apply_batch(&records, &RelevanceMapping::default()).unwrap();
 }
 
 fn assert_bijection(state: &StateStore) -> usize {
@@ -40,6 +55,8 @@ fn resolved_map_is_stored_both_ways_and_incremental_products_never_collide() {
     assert_eq!(state.docid("P7").unwrap(), Some(pairs[7].1.clone()));
 
     // New products between retrains, all wanting an occupied DocID.
+    store_products(&state, (40..60).map(|index| format!("P{index}")).chain(["FREE".to_owned()]));
+    assert_eq!(state.assign_docid("NOT-STORED", &document(&[2, 2, 2], random_costs()), space).unwrap(), None, "only stored products get DocIDs");
     for index in 40..60 {
         let product_id = format!("P{index}");
         let wanted = document(&[1, 0, 0], random_costs());
@@ -72,6 +89,7 @@ fn incremental_assignment_fills_the_whole_space_then_reports_full() {
     let directory = tempfile::tempdir().unwrap();
     let state = StateStore::open(directory.path(), &StateOptions::default()).unwrap();
     let space = CodeSpace { levels: 2, codebook_size: 3 };
+    store_products(&state, (0..10).map(|index| format!("P{index}")));
     for index in 0..9 {
         let wanted = document(&[0, 0], vec![0.0, 1.0, 2.0]);
         assert!(state.assign_docid(&format!("P{index}"), &wanted, space).unwrap().is_some(), "product {index} fits");

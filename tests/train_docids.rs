@@ -48,4 +48,11 @@ fn train_docids_stores_a_bijection_and_reports() {
     let config: serde_json::Value = serde_json::from_slice(&std::fs::read(model_dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["lambda_align"], 0.01);
     assert_eq!(config["model"]["codebook_size"], 256);
+    // The manifest names the encoder whose vectors the model reads, and the model loads back
+    // and quantizes to the codes it stored for a product's own vector.
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(model_dir.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["encoder_cache_id"], report["encoder"]);
+    assert_eq!(manifest["trained_documents"], 6_122);
+    let model = merge_indexer::docid::incremental::DocIdModel::load(&model_dir).unwrap();
+    assert_eq!(model.space().levels, 4);
 }

@@ -1,12 +1,15 @@
 //! DocIDs: MERGE's semantic document identifiers, `levels` codes of `codebook_size` values each
 //! (4 × 256 by default).
 //!
-//! Today this holds the collision resolution that makes the map product ↔ DocID a bijection
-//! ([`assign`]), and its persistence lives in `state`. The RQ-VAE that produces the codes
-//! (issue 4) is still to come; [`assign`] takes its output — each document's codes and the cost of
-//! every last-level code — as plain data.
+//! - [`model`]: the RQ-VAE; [`losses`]: MERGE's loss terms; [`train`]: batches, k-means++
+//!   initialisation, training and the report of `train-docids`.
+//! - [`assign`]: collision resolution (Sinkhorn, then a guaranteed overflow rule) that makes the
+//!   map product ↔ DocID a bijection; its persistence lives in `state`.
+//! - [`incremental`]: saved model directories and the worker that gives new products DocIDs
+//!   between retrains.
 
 pub mod assign;
+pub mod incremental;
 pub mod losses;
 pub mod model;
 pub mod train;

@@ -179,6 +179,29 @@ impl<B: Backend> RqVae<B> {
     }
 }
 
+impl<B: Backend> RqVae<B> {
+    /// Codes only (no decoder): the selected code per level and the squared distance of the
+    /// last residual to every last-level codeword.
+    ///
+    /// # Shapes
+    /// - `input`: `[n, input]` → (`[n, levels]`, `[n, codebook]`)
+    pub fn quantize(&self, input: Tensor<B, 2>) -> (Tensor<B, 2, Int>, Tensor<B, 2>) {
+        let mut residual = self.encode(input);
+        let mut codes = Vec::with_capacity(self.codebooks.len());
+        let mut last_level_costs = None;
+        for codebook in &self.codebooks {
+            let codebook = codebook.val();
+            let distances = squared_distances(residual.clone(), codebook.clone());
+            let [rows, _] = distances.dims();
+            let selected = distances.clone().argmin(1);
+            residual = residual - codebook.select(0, selected.clone().reshape([rows]));
+            codes.push(selected);
+            last_level_costs = Some(distances);
+        }
+        (Tensor::cat(codes, 1), last_level_costs.expect("at least one level"))
+    }
+}
+
 fn mlp<B: Backend>(layers: &[Linear<B>], input: Tensor<B, 2>) -> Tensor<B, 2> {
     let last = layers.len() - 1;
     layers.iter().enumerate().fold(input, |hidden, (index, layer)| {

@@ -194,6 +194,11 @@ impl EmbeddingPool {
         Ok(Self { stop, workers: handles })
     }
 
+    /// Whether any worker thread has ended (they only end when stopped, or on a panic).
+    pub fn any_finished(&self) -> bool {
+        self.workers.iter().any(JoinHandle::is_finished)
+    }
+
     /// Stops the workers after their current page; returns what they did in total.
     pub fn stop(self) -> EmbeddingPassReport {
         self.stop.store(true, Ordering::Release);
