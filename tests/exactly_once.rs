@@ -138,7 +138,9 @@ async fn sigkill_of_the_indexer_process_neither_loses_nor_duplicates() {
     std::fs::write(
         &config_file,
         format!(
-            "state_dir = {:?}\n[kafka]\ngroup_id = \"sigkill\"\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n[batch]\nmax_events = 25\nmax_wait_ms = 20\n",
+            // fsync per batch: the durable setting, and slow enough (hundreds of small batches)
+            // that the kills land mid-stream even on a fast machine.
+            "state_dir = {:?}\n[kafka]\ngroup_id = \"sigkill\"\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n[batch]\nmax_events = 25\nmax_wait_ms = 20\n[state]\nsync_writes = true\n",
             directory.path().join("state").display().to_string()
         ),
     )
@@ -167,6 +169,7 @@ async fn sigkill_of_the_indexer_process_neither_loses_nor_duplicates() {
         kill_points.insert(round, after_kill);
         assert!(after_kill >= applied);
     }
+    eprintln!("events applied at each SIGKILL: {kill_points:?} of {total}");
     assert!(kill_points.values().any(|&applied| applied > 0 && applied < total), "at least one kill mid-stream: {kill_points:?}");
     let config = Config { state_dir: state_dir.clone(), ..config };
     let state = open_state(&config);
@@ -179,8 +182,13 @@ fn applied_offsets(state_dir: &std::path::Path) -> i64 {
     if !state_dir.join("CURRENT").exists() {
         return 0;
     }
-    match StateStore::open_read_only(state_dir) {
-        Ok(state) => state.stored_offsets().map(|offsets| offsets.values().sum()).unwrap_or(0),
-        Err(_) => 0,
+    // A read-only open races with the writer's file rotation now and then: retry, and say so.
+    for attempt in 1..=5 {
+        match StateStore::open_read_only(state_dir).map_err(|error| error.to_string()).and_then(|state| state.stored_offsets().map_err(|error| error.to_string())) {
+            Ok(offsets) => return offsets.values().sum(),
+            Err(error) => eprintln!("reading offsets (attempt {attempt}): {error}"),
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
+    0
 }
