@@ -75,27 +75,51 @@ pub struct AlignmentQuery {
 /// - `encoded`: `[n, latent]` (the RQ encoder's output z) → scalar `[1]`
 pub fn alignment_loss<B: Backend>(encoded: Tensor<B, 2>, queries: &[AlignmentQuery], top_level: usize) -> Tensor<B, 1> {
     let device = encoded.device();
-    let mut total = Tensor::<B, 1>::zeros([1], &device);
-    let mut counted = 0usize;
+    let [_, width] = encoded.dims();
+    // Vectorised over queries: a per-query loop costs two gathers per query and level, and each
+    // gather's backward materialises a zero gradient of the whole batch (measured: 12 % of a
+    // 2,048-anchor step on the CPU). Here: one gather of every query's top-level rows summed into
+    // its query slot, one gather of every (document, level) entry, one of the matching query
+    // vectors, and per-entry weights w_j / |level rows|.
+    let mut top_rows = Vec::new();
+    let mut top_slots = Vec::new();
+    let mut top_counts: Vec<f32> = Vec::new();
+    let mut entry_rows = Vec::new();
+    let mut entry_slots = Vec::new();
+    let mut entry_weights: Vec<f32> = Vec::new();
     for query in queries {
-        let Some((_, top_rows)) = query.levels.iter().filter(|(_, rows)| !rows.is_empty()).max_by_key(|(level, _)| *level) else {
+        let Some((_, top)) = query.levels.iter().filter(|(_, rows)| !rows.is_empty()).max_by_key(|(level, _)| *level) else {
             continue;
         };
-        let query_vector = encoded.clone().select(0, rows::<B>(top_rows, &device)).mean_dim(0);
+        let slot = top_counts.len();
+        top_rows.extend_from_slice(top);
+        top_slots.extend(std::iter::repeat_n(slot, top.len()));
+        top_counts.push(top.len() as f32);
         for (level, level_rows) in query.levels.iter().filter(|(_, rows)| !rows.is_empty()) {
             debug_assert!((1..=top_level).contains(level));
-            let weight = 1.0 / (top_level - level + 1) as f64;
-            let documents = encoded.clone().select(0, rows::<B>(level_rows, &device));
-            let repeated = query_vector.clone().repeat_dim(0, level_rows.len());
-            let distance = (row_cosine(documents, repeated).neg() + 1.0).mean();
-            total = total + distance.mul_scalar(weight).reshape([1]);
+            let weight = 1.0 / (top_level - level + 1) as f64 / level_rows.len() as f64;
+            entry_rows.extend_from_slice(level_rows);
+            entry_slots.extend(std::iter::repeat_n(slot, level_rows.len()));
+            entry_weights.extend(std::iter::repeat_n(weight as f32, level_rows.len()));
         }
-        counted += 1;
     }
+    let counted = top_counts.len();
     if counted == 0 {
-        return total;
+        return Tensor::zeros([1], &device);
     }
-    total.div_scalar(counted as f64)
+    let sums = Tensor::<B, 2>::zeros([counted, width], &device).select_assign(
+        0,
+        rows::<B>(&top_slots, &device),
+        encoded.clone().select(0, rows::<B>(&top_rows, &device)),
+        burn::tensor::IndexingUpdateOp::Add,
+    );
+    let query_vectors = sums / Tensor::<B, 2>::from_data(TensorData::new(top_counts, [counted, 1]), &device);
+    let documents = encoded.select(0, rows::<B>(&entry_rows, &device));
+    let targets = query_vectors.select(0, rows::<B>(&entry_slots, &device));
+    let entries = entry_weights.len();
+    let weights = Tensor::<B, 1>::from_data(TensorData::new(entry_weights, [entries]), &device);
+    let distances = row_cosine(documents, targets).neg() + 1.0;
+    (distances * weights).sum().div_scalar(counted as f64).reshape([1])
 }
 
 /// L_outer^l (eq. 5), InfoNCE on level-l residuals: for each pair (i, j) of documents relevant
@@ -231,7 +255,14 @@ mod tests {
         close(scalar(alignment_loss(encoded.clone(), std::slice::from_ref(&query), 3)), expected_exact + expected_complement);
         // Two queries average; a query without documents is skipped.
         let empty = AlignmentQuery { levels: vec![] };
-        close(scalar(alignment_loss(encoded, &[query.clone(), query, empty], 3)), expected_exact + expected_complement);
+        close(scalar(alignment_loss(encoded.clone(), &[query.clone(), query.clone(), empty], 3)), expected_exact + expected_complement);
+        // Different queries: S row 2 alone is its own query vector (distance 0); E row 0 with S
+        // rows 1 and 2 gives q = (1, 0), distances 1 and 1 − 1/√2, weighted 1/2 and averaged
+        // over the level's two rows.
+        let alone = AlignmentQuery { levels: vec![(2, vec![2])] };
+        let mixed = AlignmentQuery { levels: vec![(2, vec![1, 2]), (3, vec![0])] };
+        let expected_mixed = 0.5 * (1.0 + (1.0 - 1.0 / 2f64.sqrt())) / 2.0;
+        close(scalar(alignment_loss(encoded, &[query, alone, mixed], 3)), (expected_exact + expected_complement + 0.0 + expected_mixed) / 3.0);
     }
 
     #[test]
