@@ -339,11 +339,16 @@ impl DocIdWorker {
         Ok(report)
     }
 
-    /// Runs [`DocIdWorker::drain`] on its own thread until `stop` is set, pausing `idle_poll`
-    /// after a pass that changed nothing. A state error is logged and retried after 5 s.
+    /// Runs [`DocIdWorker::drain`] on its own thread until `stop` is set. After a pass that
+    /// changed nothing it pauses `idle_poll`, doubling the pause after each further idle pass up
+    /// to 25 × `idle_poll` (a long queue of products still waiting for vectors is then not
+    /// re-read five times a second); any progress resets it. A state error is logged and
+    /// retried after 5 s.
     pub fn spawn(self, stop: Arc<AtomicBool>, idle_poll: Duration) -> std::io::Result<JoinHandle<DocIdPassReport>> {
         std::thread::Builder::new().name("docid-assign".into()).spawn(move || {
             let mut total = DocIdPassReport::default();
+            let longest_pause = idle_poll * 25;
+            let mut pause = idle_poll;
             while !stop.load(Ordering::Acquire) {
                 match self.drain() {
                     Ok(report) => {
@@ -351,8 +356,11 @@ impl DocIdWorker {
                         if let Ok(queued) = self.state.docid_queue_len() {
                             metrics::gauge!(names::DOCID_QUEUE_PRODUCTS).set(queued as f64);
                         }
-                        if !report.made_progress() {
-                            std::thread::sleep(idle_poll);
+                        if report.made_progress() {
+                            pause = idle_poll;
+                        } else {
+                            sleep_unless_stopped(pause, &stop);
+                            pause = (pause * 2).min(longest_pause);
                         }
                     }
                     Err(error) => {
@@ -363,6 +371,19 @@ impl DocIdWorker {
             }
             total
         })
+    }
+}
+
+/// Sleeps `pause` in short slices, returning early once `stop` is set (so shutdown never waits
+/// out a long idle pause).
+fn sleep_unless_stopped(pause: Duration, stop: &AtomicBool) {
+    let deadline = Instant::now() + pause;
+    while !stop.load(Ordering::Acquire) {
+        let now = Instant::now();
+        if now >= deadline {
+            return;
+        }
+        std::thread::sleep((deadline - now).min(Duration::from_millis(50)));
     }
 }
 
