@@ -229,6 +229,10 @@ pub struct TrainDocidsArgs {
     /// Encoder of the product embeddings [default: the configured one, hashing unless set].
     #[arg(long, value_enum)]
     pub encoder: Option<EncoderKind>,
+    /// Clip each parameter's gradient to this L2 norm before the AdamW step [default: none, as
+    /// in the paper].
+    #[arg(long)]
+    pub grad_clip_norm: Option<f64>,
     /// Where the report is written as JSON.
     #[arg(long)]
     pub report_json: Option<PathBuf>,
@@ -497,9 +501,11 @@ fn demo_train_docids(config: &Config, state: &StateStore, encoder: &dyn TextEnco
     use crate::docid::train::{DocIdTrainingConfig, TrainingSet, Variant};
     let set = TrainingSet::from_state(state, encoder.cache_id())?;
     anyhow::ensure!(!set.embeddings.is_empty(), "no product vectors to train DocIDs on");
-    let training = DocIdTrainingConfig::new(RqVaeConfig::new(encoder.dimension())).with_epochs(epochs).with_batch_size(256);
+    // Gradient clipping at norm 1: on this templated catalog the unclipped relevance gradients
+    // collapse the codebooks (README "DocIDs").
+    let training = DocIdTrainingConfig::new(RqVaeConfig::new(encoder.dimension())).with_epochs(epochs).with_batch_size(256).with_gradient_clip_norm(Some(1.0));
     let (queries, _validation) = crate::docid::train::split_validation(set.queries, training.validation_fraction, training.seed);
-    println!("training DocIDs (MERGE, {epochs} epochs) on {} products and {} graded queries from state…", set.product_ids.len(), queries.len());
+    println!("training DocIDs (MERGE, {epochs} epochs, gradients clipped at norm 1) on {} products and {} graded queries from state…", set.product_ids.len(), queries.len());
     let manifest = docid_manifest(encoder, Variant::Merge, set.embeddings.len(), epochs);
     let started = std::time::Instant::now();
     let (progress, on_epoch) = epoch_progress(epochs);
@@ -886,7 +892,11 @@ fn train_docids_command(config: Config, arguments: &TrainDocidsArgs) -> anyhow::
     };
     anyhow::ensure!(!data.embeddings.is_empty(), "no products with vectors to train on");
     let model = RqVaeConfig::new(encoder.dimension());
-    let training = DocIdTrainingConfig::new(model).with_variant(arguments.variant).with_epochs(arguments.epochs).with_batch_size(arguments.batch_size);
+    let training = DocIdTrainingConfig::new(model)
+        .with_variant(arguments.variant)
+        .with_epochs(arguments.epochs)
+        .with_batch_size(arguments.batch_size)
+        .with_gradient_clip_norm(arguments.grad_clip_norm);
     let (queries, validation_queries) = crate::docid::train::split_validation(data.queries, training.validation_fraction, training.seed);
     println!(
         "training {:?} on {} products, {} train queries ({} more held out for validation), {} epochs",

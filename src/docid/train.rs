@@ -78,6 +78,10 @@ pub struct DocIdTrainingConfig {
     /// part in the relevance losses and are reported separately.
     #[config(default = 0.1)]
     pub validation_fraction: f64,
+    /// Clip each parameter's gradient to this L2 norm before the AdamW step (none by default,
+    /// as in the paper).
+    #[config(default = "None")]
+    pub gradient_clip_norm: Option<f64>,
     /// After each epoch, move every codeword no document selected to the residual of a random
     /// document at that level (the paper's reference has no remedy for codebook collapse).
     #[config(default = true)]
@@ -434,7 +438,9 @@ pub fn train_docids<B: AutodiffBackend>(
         model.set_codebook(level, Tensor::from_data(centroids.into_data(), device));
     }
     let betas = config.effective_betas();
-    let mut optimizer = AdamWConfig::new().init();
+    let mut optimizer = AdamWConfig::new()
+        .with_grad_clipping(config.gradient_clip_norm.map(|norm| burn::optim::grad_clipping::GradientClippingConfig::Norm(norm as f32)))
+        .init();
     let mut losses_per_epoch = Vec::with_capacity(config.epochs);
     let mut step_seconds = 0.0;
     let mut steps = 0usize;
@@ -642,6 +648,19 @@ mod tests {
         let first = quantize_documents(&trained, &embeddings, &rows, &device);
         let second = quantize_documents(&trained, &embeddings, &rows, &device);
         assert_eq!(first, second);
+    }
+
+    #[test]
+    fn gradient_clipping_is_a_saved_setting_and_still_trains() {
+        let (embeddings, queries) = clustered_corpus();
+        let clipped = config(Variant::Merge).with_gradient_clip_norm(Some(1.0));
+        let saved: serde_json::Value = serde_json::from_str(&serde_json::to_string(&clipped).unwrap()).unwrap();
+        assert_eq!(saved["gradient_clip_norm"], 1.0);
+        assert!(config(Variant::Merge).gradient_clip_norm.is_none(), "the paper's default: no clipping");
+        let (docids, report, _) = train_docids::<Autodiff<NdArray<f32>>>(&clipped, &embeddings, &queries, &Default::default(), |_, _| {}).unwrap();
+        assert_eq!(docids.iter().collect::<BTreeSet<_>>().len(), 96);
+        let (first, last) = (report.losses_per_epoch.first().unwrap(), report.losses_per_epoch.last().unwrap());
+        assert!(last.reconstruction < first.reconstruction * 0.8, "reconstruction {} -> {}", first.reconstruction, last.reconstruction);
     }
 
     #[test]
