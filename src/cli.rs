@@ -463,15 +463,20 @@ async fn run_command(mut config: Config, until_caught_up: bool) -> anyhow::Resul
     Ok(())
 }
 
-/// Waits until the embedding queue is empty (or `timeout` passes); returns whether it emptied.
-/// Fails at once if the workers have died.
-async fn wait_for_embeddings(state: &StateStore, pool: &EmbeddingPool, timeout: Duration) -> anyhow::Result<bool> {
+/// Polls every 100 ms until `is_empty` says the queue of `stage` is empty (`true`) or `timeout`
+/// passes (`false`). Fails at once if `worker_ended` says its worker thread is gone.
+async fn wait_for_queue(
+    stage: &str,
+    is_empty: impl Fn() -> Result<bool, crate::state::StateError>,
+    worker_ended: impl Fn() -> bool,
+    timeout: Duration,
+) -> anyhow::Result<bool> {
     let started = std::time::Instant::now();
     loop {
-        if state.embedding_queue_is_empty()? {
+        if is_empty()? {
             return Ok(true);
         }
-        anyhow::ensure!(!pool.any_finished(), "an embedding worker ended while products were queued (see the log above)");
+        anyhow::ensure!(!worker_ended(), "the {stage} worker ended while products were queued (see the log above)");
         if started.elapsed() > timeout {
             return Ok(false);
         }
@@ -479,20 +484,14 @@ async fn wait_for_embeddings(state: &StateStore, pool: &EmbeddingPool, timeout: 
     }
 }
 
+/// Waits until the embedding queue is empty (or `timeout` passes); returns whether it emptied.
+async fn wait_for_embeddings(state: &StateStore, pool: &EmbeddingPool, timeout: Duration) -> anyhow::Result<bool> {
+    wait_for_queue("embedding", || state.embedding_queue_is_empty(), || pool.any_finished(), timeout).await
+}
+
 /// Waits until the DocID queue is empty (or `timeout` passes); returns whether it emptied.
-/// Fails at once if the worker has died.
 async fn wait_for_docids(state: &StateStore, assigner: &DocIdAssigner, timeout: Duration) -> anyhow::Result<bool> {
-    let started = std::time::Instant::now();
-    loop {
-        if state.docid_queue_len()? == 0 {
-            return Ok(true);
-        }
-        anyhow::ensure!(!assigner.is_finished(), "the DocID worker ended while products were queued (see the log above)");
-        if started.elapsed() > timeout {
-            return Ok(false);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_queue("DocID", || Ok(state.docid_queue_page(None, 1)?.is_empty()), || assigner.is_finished(), timeout).await
 }
 
 /// Trains a DocID model on what the demo indexed and stores its DocIDs and model.
@@ -817,12 +816,9 @@ fn esci_training_data(config: &Config, arguments: &TrainDocidsArgs, encoder: &dy
     let index_of: std::collections::HashMap<&str, usize> = data.products.iter().enumerate().map(|(index, product)| (product.product_id.as_str(), index)).collect();
     // One TrainingQuery per query text: its judged products grouped by level.
     let graded_queries = |judgements: &[crate::datasets::GradedJudgement]| -> Vec<TrainingQuery> {
-        let mut by_query: std::collections::BTreeMap<&str, std::collections::BTreeMap<usize, Vec<usize>>> = std::collections::BTreeMap::new();
-        for judgement in judgements {
-            let (Some(level), Some(&document)) = (judgement.level(), index_of.get(judgement.product_id.as_str())) else { continue };
-            by_query.entry(judgement.query.as_str()).or_default().entry(level.index()).or_default().push(document);
-        }
-        by_query.into_values().map(|levels| TrainingQuery { levels: levels.into_iter().collect() }).collect()
+        TrainingQuery::group_by_query(judgements.iter().filter_map(|judgement| {
+            Some((judgement.query.as_str(), judgement.level()?.index(), *index_of.get(judgement.product_id.as_str())?))
+        }))
     };
     Ok(DocIdTrainingData {
         product_ids: data.products.iter().map(|product| crate::datasets::esci_product_id(&product.locale, &product.product_id)).collect(),

@@ -811,9 +811,9 @@ impl StateStore {
         Ok(self.queue_page(DOCID_QUEUE_CF, after, limit, |_| true)?.into_iter().map(|(product_id, _)| product_id).collect())
     }
 
-    /// Exact number of products waiting for a DocID (a key scan; for `inspect` and the gauge).
-    pub fn docid_queue_len(&self) -> Result<u64, StateError> {
-        let Some(handle) = self.try_column_family(DOCID_QUEUE_CF) else {
+    /// Number of keys in `column_family` (a key scan; 0 when a read-only state lacks it).
+    fn count_keys(&self, column_family: &'static str) -> Result<u64, StateError> {
+        let Some(handle) = self.try_column_family(column_family) else {
             return Ok(0);
         };
         let mut count = 0;
@@ -822,6 +822,11 @@ impl StateStore {
             count += 1;
         }
         Ok(count)
+    }
+
+    /// Exact number of products waiting for a DocID (a key scan; for `inspect` and the gauge).
+    pub fn docid_queue_len(&self) -> Result<u64, StateError> {
+        self.count_keys(DOCID_QUEUE_CF)
     }
 
     /// Queues every stored product without a DocID: run when DocID assignment starts, it
@@ -869,14 +874,7 @@ impl StateStore {
                 *by_encoder.entry(cache_id.into_owned()).or_insert(0) += 1;
             }
         }
-        let mut queued = 0;
-        if let Some(column_family) = self.try_column_family(EMBEDDING_QUEUE_CF) {
-            for entry in self.database.iterator_cf(column_family, IteratorMode::Start) {
-                entry.map_err(|error| self.rocks_error(error))?;
-                queued += 1;
-            }
-        }
-        Ok((by_encoder, queued))
+        Ok((by_encoder, self.count_keys(EMBEDDING_QUEUE_CF)?))
     }
 
     /// Whether any product is queued (exact).
@@ -954,12 +952,8 @@ impl StateStore {
                 return Ok(false);
             }
         }
-        let mut reverse = 0usize;
-        for entry in self.database.iterator_cf(self.column_family(DOCID_REVERSE_CF), IteratorMode::Start) {
-            entry.map_err(|error| self.rocks_error(error))?;
-            reverse += 1;
-        }
-        Ok(reverse == forward.len())
+        let reverse = self.count_keys(DOCID_REVERSE_CF)?;
+        Ok(reverse == forward.len() as u64)
     }
 
     /// Every stored product id, in key order.
@@ -974,12 +968,12 @@ impl StateStore {
 
     /// Products holding a DocID (a key scan).
     pub fn docid_count(&self) -> Result<u64, StateError> {
-        let mut count = 0;
-        for entry in self.database.iterator_cf(self.column_family(DOCIDS_CF), IteratorMode::Start) {
-            entry.map_err(|error| self.rocks_error(error))?;
-            count += 1;
-        }
-        Ok(count)
+        self.count_keys(DOCIDS_CF)
+    }
+
+    /// Whether `product_id` is stored (one point read of its content hash, nothing decoded).
+    pub fn contains_product(&self, product_id: &str) -> Result<bool, StateError> {
+        Ok(self.product_content_hash(product_id)?.is_some())
     }
 
     /// Every (product, DocID) pair, in product order.
@@ -1048,7 +1042,8 @@ impl StateStore {
         let _exclusive = self.docid_write_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut batch = WriteBatch::default();
         let mut taken_in_batch: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
-        let mut placed_products: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        // Placed by this call and not yet visible to `self.docid` (the batch is written last).
+        let mut placed_in_batch: HashMap<&str, crate::docid::DocId> = HashMap::new();
         let mut outcomes = Vec::with_capacity(documents.len());
         for (product_id, document) in documents {
             debug_assert_eq!(document.codes.len(), space.levels);
@@ -1057,9 +1052,8 @@ impl StateStore {
                 outcomes.push((DocIdPlacement::AlreadyAssigned, Some(existing)));
                 continue;
             }
-            if placed_products.contains(product_id.as_str()) {
-                let earlier = outcomes.iter().zip(documents).find(|(_, (earlier, _))| earlier == product_id).and_then(|((_, docid), _)| docid.clone());
-                outcomes.push((DocIdPlacement::AlreadyAssigned, earlier));
+            if let Some(earlier) = placed_in_batch.get(product_id.as_str()) {
+                outcomes.push((DocIdPlacement::AlreadyAssigned, Some(earlier.clone())));
                 continue;
             }
             if self.product_content_hash(product_id)?.is_none() {
@@ -1099,8 +1093,9 @@ impl StateStore {
             batch.put_cf(reverse, &codes, product_id.as_bytes());
             batch.delete_cf(queue, product_id.as_bytes());
             taken_in_batch.insert(codes.clone());
-            placed_products.insert(product_id);
-            outcomes.push((placement, Some(crate::docid::DocId(codes))));
+            let docid = crate::docid::DocId(codes);
+            placed_in_batch.insert(product_id, docid.clone());
+            outcomes.push((placement, Some(docid)));
         }
         self.database.write(batch).map_err(|error| self.rocks_error(error))?;
         Ok(outcomes)

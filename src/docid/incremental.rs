@@ -313,7 +313,7 @@ impl DocIdWorker {
                     tracing::error!(product_id, width = vector.len(), expected = self.model.training.model.input_dim, "stored vector has the wrong width; left queued");
                     report.waiting_for_vector += 1;
                 }
-                None if self.state.product(&product_id)?.is_none() => gone.push(product_id),
+                None if !self.state.contains_product(&product_id)? => gone.push(product_id),
                 None => report.waiting_for_vector += 1,
             }
         }

@@ -109,6 +109,18 @@ pub struct TrainingQuery {
     pub levels: Vec<(usize, Vec<usize>)>,
 }
 
+impl TrainingQuery {
+    /// One query per distinct key, in key order, from `(query key, level index, document)`
+    /// judgements; each level's documents keep their input order.
+    pub fn group_by_query<K: Ord>(judged: impl IntoIterator<Item = (K, usize, usize)>) -> Vec<TrainingQuery> {
+        let mut by_query: BTreeMap<K, BTreeMap<usize, Vec<usize>>> = BTreeMap::new();
+        for (query, level, document) in judged {
+            by_query.entry(query).or_default().entry(level).or_default().push(document);
+        }
+        by_query.into_values().map(|levels| TrainingQuery { levels: levels.into_iter().collect() }).collect()
+    }
+}
+
 /// Documents and graded queries to train on, read from the indexer's state.
 #[derive(Debug, Clone, Default)]
 pub struct TrainingSet {
@@ -139,14 +151,13 @@ impl TrainingSet {
                 None => set.products_without_vector += 1,
             }
         }
-        let mut by_query: BTreeMap<(String, String), BTreeMap<usize, Vec<usize>>> = BTreeMap::new();
+        let mut judged = Vec::new();
         state.for_each_judgement(|key, aggregate| {
-            let (Some(level), Some(&document)) = (aggregate.max_level, index_of.get(&key.product_id)) else {
-                return;
-            };
-            by_query.entry((key.locale, key.query)).or_default().entry(level.index()).or_default().push(document);
+            if let (Some(level), Some(&document)) = (aggregate.max_level, index_of.get(&key.product_id)) {
+                judged.push(((key.locale, key.query), level.index(), document));
+            }
         })?;
-        set.queries = by_query.into_values().map(|levels| TrainingQuery { levels: levels.into_iter().collect() }).collect();
+        set.queries = TrainingQuery::group_by_query(judged);
         Ok(set)
     }
 }
