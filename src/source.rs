@@ -12,7 +12,8 @@
 //! Offsets are also committed to Kafka asynchronously after each batch, only so that standard
 //! lag tools (`kafka-consumer-groups`, Burrow) see the group's progress.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use rustc_hash::{FxHashMap, FxHashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -269,7 +270,7 @@ impl Indexer {
         let mut summary = RunSummary::default();
         let (stop_lag_refresher, lag_refresher_stop) = watch::channel(false);
         let lag_task = self.spawn_lag_refresher(lag_refresher_stop);
-        let mut expected_next: HashMap<String, HashMap<i32, i64>> = HashMap::new();
+        let mut expected_next: FxHashMap<String, FxHashMap<i32, i64>> = FxHashMap::default();
         let mut in_flight: Option<InFlightBatch> = None;
         let result = loop {
             if *shutdown.borrow() {
@@ -381,15 +382,15 @@ impl Indexer {
     async fn prepare_batch(
         &self,
         received: Vec<Received>,
-        expected_next: &mut HashMap<String, HashMap<i32, i64>>,
+        expected_next: &mut FxHashMap<String, FxHashMap<i32, i64>>,
         summary: &mut RunSummary,
         shutdown: &mut watch::Receiver<bool>,
     ) -> anyhow::Result<Option<Vec<SourcedRecord>>> {
         let assigned = self.consumer.context().assigned_partitions();
-        let assigned: HashSet<(&str, i32)> = assigned.iter().map(|(topic, partition)| (topic.as_str(), *partition)).collect();
+        let assigned: FxHashSet<(&str, i32)> = assigned.iter().map(|(topic, partition)| (topic.as_str(), *partition)).collect();
         let mut records = Vec::with_capacity(received.len());
         let mut dead_letters = Vec::new();
-        let mut duplicates: HashMap<String, u64> = HashMap::new();
+        let mut duplicates: FxHashMap<String, u64> = FxHashMap::default();
         for Received { position, decoded } in received {
             if !assigned.contains(&(position.topic.as_str(), position.partition)) {
                 summary.revoked_events_dropped += 1;
@@ -412,7 +413,7 @@ impl Indexer {
                     partitions.insert(position.partition, position.offset + 1);
                 }
                 None => {
-                    expected_next.insert(position.topic.clone(), HashMap::from([(position.partition, position.offset + 1)]));
+                    expected_next.insert(position.topic.clone(), FxHashMap::from_iter([(position.partition, position.offset + 1)]));
                 }
             }
             match decoded {

@@ -40,6 +40,13 @@ pub const EMBEDDING_QUEUE_CF: &str = "embedding_queue";
 pub const COLUMN_FAMILIES: [&str; 9] =
     [PRODUCTS_CF, JUDGEMENTS_CF, OFFSETS_CF, META_CF, DOCIDS_CF, DOCID_REVERSE_CF, EMBEDDINGS_CF, EMBEDDING_QUEUE_CF, DOCID_QUEUE_CF];
 
+/// Column families read by point lookups on the ingest and DocID paths; their memtables carry a
+/// whole-key bloom filter.
+const POINT_LOOKUP_COLUMN_FAMILIES: [&str; 3] = [PRODUCTS_CF, JUDGEMENTS_CF, DOCIDS_CF];
+/// Share of a memtable's size given to its bloom filter (RocksDB's
+/// `memtable_prefix_bloom_size_ratio`).
+const MEMTABLE_BLOOM_RATIO: f64 = 0.02;
+
 /// Version of the on-disk layout, stored under [`FORMAT_VERSION_KEY`] in `meta`.
 pub const FORMAT_VERSION: i64 = 1;
 const FORMAT_VERSION_KEY: &str = "format_version";
@@ -533,6 +540,13 @@ impl StateStore {
             let mut column_options = Options::default();
             column_options.set_compression_type(rocksdb::DBCompressionType::Lz4);
             column_options.set_block_based_table_factory(&table_options);
+            if POINT_LOOKUP_COLUMN_FAMILIES.contains(name) {
+                // The ingest path looks up every product and judgement pair it touches, and most
+                // lookups of a growing catalog miss: a whole-key bloom filter on the memtable
+                // answers those misses without walking the skiplist.
+                column_options.set_memtable_prefix_bloom_ratio(MEMTABLE_BLOOM_RATIO);
+                column_options.set_memtable_whole_key_filtering(true);
+            }
             ColumnFamilyDescriptor::new(*name, column_options)
         });
         let database = DB::open_cf_descriptors(&database_options, path, descriptors)
@@ -1132,9 +1146,9 @@ impl StateStore {
         let mut judgement_keys = pending.prefetch_judgements(records)?;
         let mut outcomes = Vec::with_capacity(records.len());
         // Per-batch tallies, turned into `meta` counter updates once at the end.
-        let mut next_offsets: HashMap<(&str, i32), i64> = HashMap::new();
-        let mut event_tallies: HashMap<(&str, ApplyOutcome), i64> = HashMap::new();
-        let mut dead_letter_tallies: HashMap<DeadLetterReason, i64> = HashMap::new();
+        let mut next_offsets: FxHashMap<(&str, i32), i64> = FxHashMap::default();
+        let mut event_tallies: FxHashMap<(&str, ApplyOutcome), i64> = FxHashMap::default();
+        let mut dead_letter_tallies: FxHashMap<DeadLetterReason, i64> = FxHashMap::default();
         for (index, sourced) in records.iter().enumerate() {
             let position = &sourced.position;
             let next_offset = match next_offsets.get(&(position.topic.as_str(), position.partition)) {
@@ -1177,28 +1191,28 @@ impl StateStore {
 struct PendingBatch<'store> {
     store: &'store StateStore,
     /// Pending product writes: `Some`, or `None` for a delete.
-    products: HashMap<String, Option<EncodedProduct>>,
+    products: FxHashMap<String, Option<EncodedProduct>>,
     judgements: FxHashMap<Vec<u8>, JudgementAggregate>,
     stored_judgements: FxHashMap<Vec<u8>, Option<JudgementAggregate>>,
     counter_deltas: BTreeMap<String, i64>,
     next_offsets: BTreeMap<(String, i32), i64>,
     /// Embedding queue changes: `Some(hash)` to queue, `None` to dequeue.
-    embedding_queue: HashMap<String, Option<ContentHash>>,
+    embedding_queue: FxHashMap<String, Option<ContentHash>>,
     /// Precomputed vectors to cache: (embedding key, encoded vector).
     embeddings: Vec<(Vec<u8>, Vec<u8>)>,
     /// DocID queue changes: `true` to queue (a product new to state), `false` to dequeue (a
     /// delete; its DocID is freed at commit).
-    docid_queue: HashMap<String, bool>,
+    docid_queue: FxHashMap<String, bool>,
 }
 
 impl<'store> PendingBatch<'store> {
     fn new(store: &'store StateStore) -> Self {
         Self {
             store,
-            embedding_queue: HashMap::new(),
+            embedding_queue: FxHashMap::default(),
             embeddings: Vec::new(),
-            docid_queue: HashMap::new(),
-            products: HashMap::new(),
+            docid_queue: FxHashMap::default(),
+            products: FxHashMap::default(),
             judgements: FxHashMap::default(),
             stored_judgements: FxHashMap::default(),
             counter_deltas: BTreeMap::new(),
