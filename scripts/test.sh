@@ -10,4 +10,8 @@ scripts/ensure-deps.sh
 if ! scripts/fetch-minilm.sh; then
   echo "warning: all-MiniLM-L6-v2 could not be fetched; the MiniLM tests will be skipped" >&2
 fi
-exec cargo test --locked -- --test-threads=2
+cargo test --locked -- --test-threads=2
+# The model code again on burn's Flex CPU backend (the `flex` feature): the unit tests, the DocID
+# tests and the MiniLM parity test.
+cargo test --locked --features flex --lib --test docids --test docid_assignment --test train_docids \
+  --test minilm_reference -- --test-threads=2

@@ -24,11 +24,18 @@ pub mod state;
 pub mod synth;
 pub mod topics;
 
-/// The burn backend family this binary was built for (`cuda` with the `cuda` feature, else
-/// the CPU `ndarray` backend); reported in `merge_indexer_build_info`.
+/// The burn backend family this binary was built for (`cuda` with the `cuda` feature, `flex`
+/// with the `flex` feature, else the CPU `ndarray` backend); reported in
+/// `merge_indexer_build_info`.
 #[cfg(feature = "cuda")]
 pub const BACKEND_NAME: &str = "cuda";
-/// The burn backend family this binary was built for (`cuda` with the `cuda` feature, else
-/// the CPU `ndarray` backend); reported in `merge_indexer_build_info`.
-#[cfg(not(feature = "cuda"))]
+/// The burn backend family this binary was built for (`cuda` with the `cuda` feature, `flex`
+/// with the `flex` feature, else the CPU `ndarray` backend); reported in
+/// `merge_indexer_build_info`.
+#[cfg(all(feature = "flex", not(feature = "cuda")))]
+pub const BACKEND_NAME: &str = "flex";
+/// The burn backend family this binary was built for (`cuda` with the `cuda` feature, `flex`
+/// with the `flex` feature, else the CPU `ndarray` backend); reported in
+/// `merge_indexer_build_info`.
+#[cfg(not(any(feature = "cuda", feature = "flex")))]
 pub const BACKEND_NAME: &str = "ndarray";

@@ -268,6 +268,10 @@ impl DocIdPassReport {
     }
 }
 
+/// How often the DocID worker refreshes `merge_indexer_docid_queue_products` (an exact key
+/// scan of the queue).
+pub const QUEUE_GAUGE_REFRESH: Duration = Duration::from_secs(10);
+
 /// Assigns DocIDs to the products in the DocID queue whose vectors exist.
 #[derive(Debug)]
 pub struct DocIdWorker {
@@ -349,12 +353,19 @@ impl DocIdWorker {
             let mut total = DocIdPassReport::default();
             let longest_pause = idle_poll * 25;
             let mut pause = idle_poll;
+            let mut queue_counted_at: Option<Instant> = None;
             while !stop.load(Ordering::Acquire) {
                 match self.drain() {
                     Ok(report) => {
                         total.add(&report);
-                        if let Ok(queued) = self.state.docid_queue_len() {
-                            metrics::gauge!(names::DOCID_QUEUE_PRODUCTS).set(queued as f64);
+                        // The gauge is an exact key scan: refreshed at most every
+                        // QUEUE_GAUGE_REFRESH, so a queue of millions of products waiting for
+                        // vectors is not scanned after every page.
+                        if queue_counted_at.is_none_or(|counted| counted.elapsed() >= QUEUE_GAUGE_REFRESH) {
+                            if let Ok(queued) = self.state.docid_queue_len() {
+                                metrics::gauge!(names::DOCID_QUEUE_PRODUCTS).set(queued as f64);
+                            }
+                            queue_counted_at = Some(Instant::now());
                         }
                         if report.made_progress() {
                             pause = idle_poll;

@@ -200,9 +200,9 @@ pub fn relevance_loss<B: Backend>(outer: &[Tensor<B, 1>], inner: &[Tensor<B, 1>]
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::NdArray;
+    use crate::encoder::InferenceBackend;
 
-    type B = NdArray<f32>;
+    type B = InferenceBackend;
 
     fn matrix(values: &[&[f32]]) -> Tensor<B, 2> {
         let columns = values[0].len();

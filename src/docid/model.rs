@@ -227,9 +227,10 @@ pub fn squared_distances<B: Backend>(left: Tensor<B, 2>, right: Tensor<B, 2>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::{Autodiff, NdArray};
+    use burn::backend::Autodiff;
+    use crate::encoder::InferenceBackend;
 
-    type B = Autodiff<NdArray<f32>>;
+    type B = Autodiff<InferenceBackend>;
 
     fn small(residual_gradient: ResidualGradient) -> (RqVae<B>, Tensor<B, 2>) {
         let device = Default::default();
@@ -250,7 +251,7 @@ mod tests {
         assert_eq!(output.reconstruction.dims(), [6, 8]);
         // Each selected code is the argmin of the distances at its level.
         let codebooks = model.codebooks();
-        let codes = output.codes.clone().into_data().to_vec::<i64>().unwrap();
+        let codes = output.codes.clone().into_data().convert::<i64>().to_vec::<i64>().unwrap();
         for (level, residual) in output.residuals.iter().enumerate() {
             let distances = squared_distances(residual.clone(), codebooks[level].clone()).into_data().to_vec::<f32>().unwrap();
             for row in 0..6 {

@@ -607,7 +607,8 @@ pub fn unique_tokens_per_layer(docids: &[DocId], queries: &[TrainingQuery], leve
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::{Autodiff, NdArray};
+    use burn::backend::Autodiff;
+    use crate::encoder::InferenceBackend;
 
     /// 96 documents in 6 tight clusters; each of 6 queries grades one cluster E, half of the
     /// next cluster S and one document I.
@@ -634,7 +635,7 @@ mod tests {
     fn training_reduces_reconstruction_and_yields_unique_docids() {
         let (embeddings, queries) = clustered_corpus();
         let device = Default::default();
-        let (docids, report, _) = train_docids::<Autodiff<NdArray<f32>>>(&config(Variant::Merge), &embeddings, &queries, &device, |_, _| {}).unwrap();
+        let (docids, report, _) = train_docids::<Autodiff<InferenceBackend>>(&config(Variant::Merge), &embeddings, &queries, &device, |_, _| {}).unwrap();
         assert_eq!(docids.len(), 96);
         assert_eq!(docids.iter().collect::<BTreeSet<_>>().len(), 96, "DocIDs are unique");
         assert_eq!(report.collisions_after, 0);
@@ -648,7 +649,7 @@ mod tests {
         // from run to run on burn's ndarray backend (even with one rayon and one matmul thread),
         // and float noise flips near-tied last-level choices: measured up to 9 of 96 last-level
         // codes, never a prefix.
-        let (again, _, trained) = train_docids::<Autodiff<NdArray<f32>>>(&config(Variant::Merge), &embeddings, &queries, &device, |_, _| {}).unwrap();
+        let (again, _, trained) = train_docids::<Autodiff<InferenceBackend>>(&config(Variant::Merge), &embeddings, &queries, &device, |_, _| {}).unwrap();
         let same_prefix = docids.iter().zip(&again).filter(|(first, second)| first.prefix() == second.prefix()).count();
         let identical = docids.iter().zip(&again).filter(|(first, second)| first == second).count();
         assert!(same_prefix >= 92, "prefixes agree for {same_prefix} of 96");
@@ -668,7 +669,7 @@ mod tests {
         let saved: serde_json::Value = serde_json::from_str(&serde_json::to_string(&clipped).unwrap()).unwrap();
         assert_eq!(saved["gradient_clip_norm"], 1.0);
         assert!(config(Variant::Merge).gradient_clip_norm.is_none(), "the paper's default: no clipping");
-        let (docids, report, _) = train_docids::<Autodiff<NdArray<f32>>>(&clipped, &embeddings, &queries, &Default::default(), |_, _| {}).unwrap();
+        let (docids, report, _) = train_docids::<Autodiff<InferenceBackend>>(&clipped, &embeddings, &queries, &Default::default(), |_, _| {}).unwrap();
         assert_eq!(docids.iter().collect::<BTreeSet<_>>().len(), 96);
         let (first, last) = (report.losses_per_epoch.first().unwrap(), report.losses_per_epoch.last().unwrap());
         assert!(last.reconstruction < first.reconstruction * 0.8, "reconstruction {} -> {}", first.reconstruction, last.reconstruction);
@@ -677,7 +678,7 @@ mod tests {
     #[test]
     fn vanilla_variant_trains_without_relevance_losses() {
         let (embeddings, queries) = clustered_corpus();
-        let (_, report, _) = train_docids::<Autodiff<NdArray<f32>>>(&config(Variant::Vanilla).with_epochs(3), &embeddings, &queries, &Default::default(), |_, _| {}).unwrap();
+        let (_, report, _) = train_docids::<Autodiff<InferenceBackend>>(&config(Variant::Vanilla).with_epochs(3), &embeddings, &queries, &Default::default(), |_, _| {}).unwrap();
         assert!(report.losses_per_epoch.iter().all(|terms| terms.align == 0.0 && terms.relevance == 0.0));
     }
 

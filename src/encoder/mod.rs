@@ -20,10 +20,16 @@ pub use hashing::{HashingEncoder, HashingEncoderConfig};
 pub use minilm::SentenceTransformer;
 pub use text::{product_text, ProductTextConfig};
 
-/// The burn backend inference runs on: CPU `ndarray`, or CUDA with the `cuda` feature.
-#[cfg(not(feature = "cuda"))]
+/// The burn backend training and inference run on: CPU `ndarray` by default, burn's CPU Flex
+/// backend with the `flex` feature, CUDA with the `cuda` feature.
+#[cfg(not(any(feature = "cuda", feature = "flex")))]
 pub type InferenceBackend = burn::backend::NdArray<f32>;
-/// The burn backend inference runs on: CPU `ndarray`, or CUDA with the `cuda` feature.
+/// The burn backend training and inference run on: CPU `ndarray` by default, burn's CPU Flex
+/// backend with the `flex` feature, CUDA with the `cuda` feature.
+#[cfg(all(feature = "flex", not(feature = "cuda")))]
+pub type InferenceBackend = burn::backend::Flex;
+/// The burn backend training and inference run on: CPU `ndarray` by default, burn's CPU Flex
+/// backend with the `flex` feature, CUDA with the `cuda` feature.
 #[cfg(feature = "cuda")]
 pub type InferenceBackend = burn_cuda::Cuda<f32, i32>;
 
