@@ -482,16 +482,55 @@ struct ProductWire {
 #[derive(Debug, Default, Deserialize)]
 struct QueryWire<'a> {
     schema_version: Option<u64>,
-    #[serde(borrow)]
+    #[serde(default, borrow, deserialize_with = "borrowed_optional_str")]
     query: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(default, borrow, deserialize_with = "borrowed_optional_str")]
     product_id: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(default, borrow, deserialize_with = "borrowed_optional_str")]
     locale: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(default, borrow, deserialize_with = "borrowed_optional_str")]
     label: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(default, borrow, deserialize_with = "borrowed_optional_str")]
     action: Option<Cow<'a, str>>,
+}
+
+/// Deserializes an optional JSON string, borrowing it from the payload when it holds no escape
+/// sequence and copying it only when it does. serde's own `Option<Cow<str>>` always copies,
+/// `#[serde(borrow)]` or not (the attribute reaches a `Cow` field, not one inside an `Option`).
+fn borrowed_optional_str<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Cow<'de, str>>, D::Error> {
+    struct TextVisitor;
+    impl<'de> serde::de::Visitor<'de> for TextVisitor {
+        type Value = Cow<'de, str>;
+        fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+            formatter.write_str("a string")
+        }
+        fn visit_borrowed_str<E: serde::de::Error>(self, text: &'de str) -> Result<Self::Value, E> {
+            Ok(Cow::Borrowed(text))
+        }
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            Ok(Cow::Owned(text.to_owned()))
+        }
+        fn visit_string<E: serde::de::Error>(self, text: String) -> Result<Self::Value, E> {
+            Ok(Cow::Owned(text))
+        }
+    }
+    struct OptionalTextVisitor;
+    impl<'de> serde::de::Visitor<'de> for OptionalTextVisitor {
+        type Value = Option<Cow<'de, str>>;
+        fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+            formatter.write_str("a string or null")
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+            deserializer.deserialize_str(TextVisitor).map(Some)
+        }
+    }
+    deserializer.deserialize_option(OptionalTextVisitor)
 }
 
 /// Decodes one `products` message. A missing payload with a key is a tombstone (delete), as
@@ -927,6 +966,19 @@ mod tests {
 
     fn limits() -> ValidationLimits {
         ValidationLimits::default()
+    }
+
+    #[test]
+    fn query_wire_borrows_plain_strings_and_copies_only_escaped_ones() {
+        let payload = br#"{"schema_version":1,"query":"red \"shoes\"","product_id":"P1","locale":null,"action":"click"}"#;
+        let wire: QueryWire<'_> = serde_json::from_slice(payload).unwrap();
+        assert!(matches!(wire.product_id, Some(Cow::Borrowed("P1"))), "{:?}", wire.product_id);
+        assert!(matches!(wire.action, Some(Cow::Borrowed("click"))), "{:?}", wire.action);
+        assert_eq!(wire.query.as_deref(), Some("red \"shoes\""));
+        assert!(matches!(wire.query, Some(Cow::Owned(_))), "an escaped string cannot be borrowed");
+        assert_eq!((wire.locale, wire.label), (None, None), "null and absent are both None");
+        let number: Result<QueryWire<'_>, _> = serde_json::from_slice(br#"{"schema_version":1,"query":7}"#);
+        assert!(number.is_err(), "a number is not a string");
     }
 
     #[test]
