@@ -564,12 +564,10 @@ async fn demo_command(mut config: Config, arguments: &DemoArgs) -> anyhow::Resul
     if !drained {
         bail!("the embedding queue did not drain");
     }
-    let docids = if arguments.docid_epochs > 0 {
+    if arguments.docid_epochs > 0 {
         demo_train_docids(&config, &state, encoder.as_ref(), arguments.docid_epochs)?;
-        start_docid_assignment(&config, &state, encoder.as_ref())?
-    } else {
-        start_docid_assignment(&config, &state, encoder.as_ref())?
-    };
+    }
+    let docids = start_docid_assignment(&config, &state, encoder.as_ref())?;
     if let Some(assigner) = &docids {
         let wave_spec = SyntheticCatalogSpec { products: arguments.products + arguments.new_products, ..spec };
         let wave = SyntheticCatalog::generate(&wave_spec).product_upserts_from(&config.kafka.topics.products, arguments.products);

@@ -962,7 +962,7 @@ impl StateStore {
     pub fn docids_form_a_bijection(&self) -> Result<bool, StateError> {
         let forward = self.docids()?;
         for (product_id, docid) in &forward {
-            if self.product_for_docid(docid)?.as_deref() != Some(product_id.as_str()) || self.product_content_hash(product_id)?.is_none() {
+            if self.product_for_docid(docid)?.as_deref() != Some(product_id.as_str()) || !self.contains_product(product_id)? {
                 return Ok(false);
             }
         }
@@ -1070,7 +1070,7 @@ impl StateStore {
                 outcomes.push((DocIdPlacement::AlreadyAssigned, Some(earlier.clone())));
                 continue;
             }
-            if self.product_content_hash(product_id)?.is_none() {
+            if !self.contains_product(product_id)? {
                 batch.delete_cf(queue, product_id.as_bytes());
                 outcomes.push((DocIdPlacement::ProductGone, None));
                 continue;
