@@ -174,11 +174,14 @@ pub struct BatchConfig {
     pub max_events: usize,
     /// Longest a batch stays open after its first event, in milliseconds.
     pub max_wait_ms: u64,
+    /// Most prepared batches handed to the state writer and not yet written: the consumer keeps
+    /// reading and preparing while up to this many batches wait for, or are in, the write.
+    pub max_in_flight: usize,
 }
 
 impl Default for BatchConfig {
     fn default() -> Self {
-        Self { max_events: 2_000, max_wait_ms: 200 }
+        Self { max_events: 2_000, max_wait_ms: 200, max_in_flight: 4 }
     }
 }
 

@@ -553,7 +553,7 @@ pub fn decode_product_event(
         return Ok(ProductEvent::Delete { product_id: product_id.to_owned() });
     };
     check_payload_size(payload, limits)?;
-    let wire = match serde_json::from_slice::<ProductWire>(payload) {
+    let wire = match sonic_rs::from_slice::<ProductWire>(payload) {
         Ok(wire) => wire,
         Err(_) => product_wire_from_value(&parse_object(payload)?)?,
     };
@@ -567,7 +567,7 @@ pub fn decode_query_event(payload: Option<&[u8]>, limits: &ValidationLimits) -> 
         return Err(InvalidEvent::new(DeadLetterReason::EmptyPayload, "query event without payload"));
     };
     check_payload_size(payload, limits)?;
-    if let Ok(wire) = serde_json::from_slice::<QueryWire<'_>>(payload) {
+    if let Ok(wire) = sonic_rs::from_slice::<QueryWire<'_>>(payload) {
         return validate_query(wire, limits);
     }
     let object = parse_object(payload)?;
@@ -971,13 +971,17 @@ mod tests {
     #[test]
     fn query_wire_borrows_plain_strings_and_copies_only_escaped_ones() {
         let payload = br#"{"schema_version":1,"query":"red \"shoes\"","product_id":"P1","locale":null,"action":"click"}"#;
-        let wire: QueryWire<'_> = serde_json::from_slice(payload).unwrap();
-        assert!(matches!(wire.product_id, Some(Cow::Borrowed("P1"))), "{:?}", wire.product_id);
-        assert!(matches!(wire.action, Some(Cow::Borrowed("click"))), "{:?}", wire.action);
-        assert_eq!(wire.query.as_deref(), Some("red \"shoes\""));
-        assert!(matches!(wire.query, Some(Cow::Owned(_))), "an escaped string cannot be borrowed");
-        assert_eq!((wire.locale, wire.label), (None, None), "null and absent are both None");
-        let number: Result<QueryWire<'_>, _> = serde_json::from_slice(br#"{"schema_version":1,"query":7}"#);
+        // Both parsers: sonic-rs on the fast path, serde_json on the slow path.
+        let from_sonic: QueryWire<'_> = sonic_rs::from_slice(payload).unwrap();
+        let from_serde_json: QueryWire<'_> = serde_json::from_slice(payload).unwrap();
+        for wire in [from_sonic, from_serde_json] {
+            assert!(matches!(wire.product_id, Some(Cow::Borrowed("P1"))), "{:?}", wire.product_id);
+            assert!(matches!(wire.action, Some(Cow::Borrowed("click"))), "{:?}", wire.action);
+            assert_eq!(wire.query.as_deref(), Some("red \"shoes\""));
+            assert!(matches!(wire.query, Some(Cow::Owned(_))), "an escaped string cannot be borrowed");
+            assert_eq!((wire.locale, wire.label), (None, None), "null and absent are both None");
+        }
+        let number: Result<QueryWire<'_>, _> = sonic_rs::from_slice(br#"{"schema_version":1,"query":7}"#);
         assert!(number.is_err(), "a number is not a string");
     }
 
@@ -1024,6 +1028,42 @@ mod tests {
             let error = decode_product_event(None, Some(payload), &limits()).unwrap_err();
             assert_eq!(error.reason, expected, "payload {}", String::from_utf8_lossy(payload));
         }
+    }
+
+    /// The typed fast path parses with sonic-rs, the precise slow path with serde_json: both
+    /// must accept and reject the same payloads, or a payload serde_json rejects could be stored.
+    #[test]
+    fn fast_path_accepts_exactly_what_serde_json_accepts() {
+        let payloads: [&[u8]; 14] = [
+            br#"{"schema_version":1,"query":"red shoes","product_id":"P1","label":"E"}"#,
+            br#"{"schema_version":1,"query":"caf\u00e9 \"x\"","product_id":"P1","label":"E"}"#,
+            br#"{"schema_version":1,"query":"\ud800","product_id":"P1","label":"E"}"#,
+            br#"{"schema_version":1,"query":"\udc00\ud800","product_id":"P1","label":"E"}"#,
+            br#"{"schema_version":1,"query":"a","product_id":"P1","label":"E"} trailing"#,
+            br#"{"schema_version":1,"query":"a","query":"b","product_id":"P1","label":"E"}"#,
+            br#"{"schema_version":1,"query":"a","product_id":"P1","label":"E",}"#,
+            br#"{"schema_version":1.0,"query":"a","product_id":"P1","label":"E"}"#,
+            br#"{"schema_version":-1,"query":"a","product_id":"P1","label":"E"}"#,
+            br#"{"schema_version":1,"query":"tab	inside","product_id":"P1","label":"E"}"#,
+            br#"{"schema_version":1,"query":"a","product_id":"P1","label":"E","extra":{"deep":[1,2,{"x":null}]}}"#,
+            b"{\"schema_version\":1,\"query\":\"\xff\",\"product_id\":\"P1\",\"label\":\"E\"}",
+            br#"{"schema_version":1,"query":null,"product_id":"P1","label":"E"}"#,
+            br#"  {"schema_version":1,"query":"a","product_id":"P1","action":"click"}  "#,
+        ];
+        for payload in payloads {
+            // sonic-rs checks the whole input is UTF-8 first; serde_json's typed decode skips
+            // unknown fields unchecked. Such a payload is not JSON, and the slow path names it.
+            let is_utf8 = std::str::from_utf8(payload).is_ok();
+            let reference = serde_json::from_slice::<QueryWire<'_>>(payload).map(|wire| format!("{wire:?}"));
+            let fast = sonic_rs::from_slice::<QueryWire<'_>>(payload).map(|wire| format!("{wire:?}"));
+            assert_eq!(fast.ok(), reference.ok().filter(|_| is_utf8), "query wire of {}", String::from_utf8_lossy(payload));
+            let reference = serde_json::from_slice::<ProductWire>(payload).map(|wire| format!("{wire:?}"));
+            let fast = sonic_rs::from_slice::<ProductWire>(payload).map(|wire| format!("{wire:?}"));
+            assert_eq!(fast.ok(), reference.ok().filter(|_| is_utf8), "product wire of {}", String::from_utf8_lossy(payload));
+        }
+        let invalid_utf8 = b"{\"schema_version\":1,\"product_id\":\"P1\",\"title\":\"t\",\"note\":\"\xff\"}";
+        let error = decode_product_event(None, Some(invalid_utf8), &limits()).unwrap_err();
+        assert_eq!(error.reason, DeadLetterReason::InvalidJson);
     }
 
     #[test]

@@ -33,7 +33,7 @@ use crate::config::{Config, KafkaConfig};
 use crate::events::{decode_product_event, decode_query_event, DeadLetterReason, InvalidEvent};
 use crate::kafka::{base_client_config, reliable_producer};
 use crate::metrics as names;
-use crate::state::{ApplyOutcome, DecodedRecord, SourcePosition, SourcedRecord, StateStore};
+use crate::state::{ApplyOutcome, DecodedRecord, PreparedBatch, SourcePosition, SourcedRecord, StateStore};
 
 /// A (topic, partition) pair.
 pub type TopicPartition = (String, i32);
@@ -199,14 +199,98 @@ struct Received {
     decoded: Result<DecodedRecord, RejectedMessage>,
 }
 
-/// A batch being written to state on a blocking thread.
-struct InFlightBatch {
-    task: tokio::task::JoinHandle<AppliedBatch>,
-}
-
-/// What the blocking writer hands back: the records, the report, the write's duration and
+/// What the state writer hands back per batch: the records, the report, the write's duration and
 /// when it completed.
 type AppliedBatch = (Vec<SourcedRecord>, Result<crate::state::BatchReport, crate::state::StateError>, Duration, Instant);
+
+/// The state writer: two threads in a pipeline, strictly in submission order. `batch-preparer`
+/// encodes product values, keys judgements and sorts each batch ([`PreparedBatch::prepare`]);
+/// `state-writer` reads, folds and writes it ([`StateStore::apply_prepared`]). The consumer task
+/// meanwhile reads and decodes the next batches, so the three stages overlap and, on a machine
+/// with fewer cores than stages, the scheduler gives idle time to whichever stage has work.
+struct StateWriter {
+    batches: Option<std::sync::mpsc::Sender<Vec<SourcedRecord>>>,
+    applied: tokio::sync::mpsc::UnboundedReceiver<AppliedBatch>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// Batches submitted and not yet taken back with [`StateWriter::take_applied`].
+    in_flight: usize,
+}
+
+impl StateWriter {
+    fn start(state: Arc<StateStore>, mapping: crate::events::RelevanceMapping) -> anyhow::Result<Self> {
+        let (batches, pending) = std::sync::mpsc::channel::<Vec<SourcedRecord>>();
+        let (prepared_sender, prepared) = std::sync::mpsc::channel::<PreparedBatch>();
+        let (applied_sender, applied) = tokio::sync::mpsc::unbounded_channel();
+        let preparer = std::thread::Builder::new()
+            .name("batch-preparer".into())
+            .spawn(move || {
+                for records in pending {
+                    if prepared_sender.send(PreparedBatch::prepare(records)).is_err() {
+                        return;
+                    }
+                }
+            })
+            .context("starting the batch preparer thread")?;
+        let writer = std::thread::Builder::new()
+            .name("state-writer".into())
+            .spawn(move || {
+                for batch in prepared {
+                    let started = Instant::now();
+                    let report = state.apply_prepared(&batch, &mapping);
+                    // After a failed write no later batch may land: its offsets would cover the
+                    // failed batch's events. The consumer task stops on the error it receives.
+                    let failed = report.is_err();
+                    let written = (batch.into_records(), report, started.elapsed(), Instant::now());
+                    if applied_sender.send(written).is_err() || failed {
+                        return;
+                    }
+                }
+            })
+            .context("starting the state writer thread")?;
+        Ok(Self { batches: Some(batches), applied, threads: vec![preparer, writer], in_flight: 0 })
+    }
+
+    fn submit(&mut self, records: Vec<SourcedRecord>) -> anyhow::Result<()> {
+        let sender = self.batches.as_ref().context("the state writer is closed")?;
+        sender.send(records).map_err(|_| anyhow::anyhow!("the state writer thread has stopped"))?;
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// The next written batch: waits for it when `wait`, else only takes one already written.
+    async fn take_applied(&mut self, wait: bool) -> anyhow::Result<Option<AppliedBatch>> {
+        if self.in_flight == 0 {
+            return Ok(None);
+        }
+        let applied = if wait {
+            self.applied.recv().await.context("the state writer thread has stopped")?
+        } else {
+            match self.applied.try_recv() {
+                Ok(applied) => applied,
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => return Ok(None),
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => anyhow::bail!("the state writer thread has stopped"),
+            }
+        };
+        self.in_flight -= 1;
+        Ok(Some(applied))
+    }
+
+    /// Stops the thread once it has written everything submitted.
+    fn close(&mut self) {
+        self.batches = None;
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                tracing::error!("a state writer thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for StateWriter {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
 
 /// The streaming indexer: one consumer-group member writing one state directory.
 pub struct Indexer {
@@ -260,18 +344,21 @@ impl Indexer {
 
     /// Consumes and applies batches until `shutdown` turns true or `options` say to stop.
     ///
-    /// Batches are pipelined one deep: while batch *k* is written to RocksDB on a blocking
-    /// thread, batch *k + 1* is collected, decoded and its dead letters delivered; it is
-    /// written only after batch *k* is. `expected_next` tracks, per partition, the next offset
-    /// state will hold once the in-flight batch lands, so redeliveries are filtered before
-    /// they reach the dead-letter topic.
+    /// Batches are pipelined: the `batch-preparer` and `state-writer` threads prepare and write
+    /// them to RocksDB strictly in order while this task collects and decodes the next ones and
+    /// delivers their dead letters, with at most `batch.max_in_flight` batches handed over and
+    /// not yet written (product-heavy batches cost the writer several times what query batches
+    /// do, so a queue lets each side absorb the other's bursts). `expected_next` tracks, per partition, the
+    /// next offset state will hold once the handed-over batches land, so redeliveries are
+    /// filtered before they reach the dead-letter topic.
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>, options: RunOptions) -> anyhow::Result<RunSummary> {
         let started = Instant::now();
         let mut summary = RunSummary::default();
+        let mut writer = StateWriter::start(Arc::clone(&self.state), self.config.relevance.clone())?;
         let (stop_lag_refresher, lag_refresher_stop) = watch::channel(false);
         let lag_task = self.spawn_lag_refresher(lag_refresher_stop);
         let mut expected_next: FxHashMap<String, FxHashMap<i32, i64>> = FxHashMap::default();
-        let mut in_flight: Option<InFlightBatch> = None;
+        let max_in_flight = self.config.batch.max_in_flight.max(1);
         let result = loop {
             if *shutdown.borrow() {
                 break Ok(());
@@ -284,7 +371,7 @@ impl Indexer {
                 summary.first_event_received = first_received;
             }
             if received.is_empty() {
-                if let Err(error) = self.finish(in_flight.take(), &mut summary).await {
+                if let Err(error) = self.finish_written(&mut writer, 0, &mut summary).await {
                     break Err(error);
                 }
                 if options.stop_when_caught_up {
@@ -300,16 +387,21 @@ impl Indexer {
                 Ok(prepared) => prepared,
                 Err(error) => break Err(error),
             };
-            if let Err(error) = self.finish(in_flight.take(), &mut summary).await {
+            if let Err(error) = self.finish_written(&mut writer, max_in_flight - 1, &mut summary).await {
                 break Err(error);
             }
-            if options.max_batches.is_some_and(|limit| summary.batches >= limit) {
+            if options.max_batches.is_some_and(|limit| summary.batches + writer.in_flight as u64 >= limit) {
                 // Crash-test stop: the prepared batch is abandoned, as a crash would.
                 break Ok(());
             }
-            in_flight = prepared.map(|records| self.start_apply(records));
+            if let Some(records) = prepared {
+                if let Err(error) = writer.submit(records) {
+                    break Err(error);
+                }
+            }
         };
-        let finished = self.finish(in_flight.take(), &mut summary).await;
+        let finished = self.finish_written(&mut writer, 0, &mut summary).await;
+        writer.close();
         // Wait for the refresher to finish, so that no clone of the state or the consumer
         // outlives this call (callers reopen the state directory right after).
         let _ = stop_lag_refresher.send(true);
@@ -432,24 +524,21 @@ impl Indexer {
         Ok((!records.is_empty()).then_some(records))
     }
 
-    fn start_apply(&self, records: Vec<SourcedRecord>) -> InFlightBatch {
-        let state = Arc::clone(&self.state);
-        let mapping = self.config.relevance.clone();
-        let task = tokio::task::spawn_blocking(move || {
-            let started = Instant::now();
-            let report = state.apply_batch(&records, &mapping);
-            (records, report, started.elapsed(), Instant::now())
-        });
-        InFlightBatch { task }
+    /// Records every batch the writer has finished, then waits for more until at most
+    /// `keep_in_flight` batches remain with it.
+    async fn finish_written(&self, writer: &mut StateWriter, keep_in_flight: usize, summary: &mut RunSummary) -> anyhow::Result<()> {
+        loop {
+            let wait = writer.in_flight > keep_in_flight;
+            let Some(applied) = writer.take_applied(wait).await? else {
+                return Ok(());
+            };
+            self.finish(applied, summary)?;
+        }
     }
 
-    /// Waits for the in-flight batch, then records its metrics and commits its offsets to
-    /// Kafka (informational).
-    async fn finish(&self, in_flight: Option<InFlightBatch>, summary: &mut RunSummary) -> anyhow::Result<()> {
-        let Some(InFlightBatch { task }) = in_flight else {
-            return Ok(());
-        };
-        let (records, report, write_duration, completed) = task.await.context("state writer task panicked")?;
+    /// Records a written batch's metrics and commits its offsets to Kafka (informational).
+    fn finish(&self, applied: AppliedBatch, summary: &mut RunSummary) -> anyhow::Result<()> {
+        let (records, report, write_duration, completed) = applied;
         let report = report?;
         let mut outcome_counts: HashMap<(&str, ApplyOutcome), u64> = HashMap::new();
         let mut dead_letter_counts: HashMap<(&str, DeadLetterReason), u64> = HashMap::new();

@@ -1141,259 +1141,404 @@ impl StateStore {
     /// Applies a micro-batch atomically: every record's effect, the counters and the next
     /// offset of each partition go into one `WriteBatch`. Records at offsets below the stored
     /// next offset of their partition are skipped as duplicates, so replaying a batch is a no-op.
+    /// Prepares the batch on the calling thread; [`StateStore::apply_prepared`] takes a batch
+    /// prepared elsewhere (the indexer prepares on its consumer task, off the writer thread).
     pub fn apply_batch(&self, records: &[SourcedRecord], mapping: &RelevanceMapping) -> Result<BatchReport, StateError> {
-        let mut pending = PendingBatch::new(self);
-        let mut judgement_keys = pending.prefetch_judgements(records)?;
-        let mut outcomes = Vec::with_capacity(records.len());
-        // Per-batch tallies, turned into `meta` counter updates once at the end.
-        let mut next_offsets: FxHashMap<(&str, i32), i64> = FxHashMap::default();
-        let mut event_tallies: FxHashMap<(&str, ApplyOutcome), i64> = FxHashMap::default();
-        let mut dead_letter_tallies: FxHashMap<DeadLetterReason, i64> = FxHashMap::default();
-        for (index, sourced) in records.iter().enumerate() {
-            let position = &sourced.position;
-            let next_offset = match next_offsets.get(&(position.topic.as_str(), position.partition)) {
-                Some(next) => Some(*next),
-                None => self.next_offset(&position.topic, position.partition)?,
-            };
-            if next_offset.is_some_and(|next| position.offset < next) {
-                outcomes.push(ApplyOutcome::Duplicate);
-                continue;
-            }
-            let outcome = match &sourced.record {
-                DecodedRecord::Product(event) => pending.apply_product(event, position)?,
-                DecodedRecord::Query(event) => {
-                    let key = judgement_keys[index].take().unwrap_or_else(|| query_event_key(event));
-                    pending.apply_query(key, event, mapping)?
-                }
-                DecodedRecord::DeadLetter(reason) => {
-                    *dead_letter_tallies.entry(*reason).or_insert(0) += 1;
-                    ApplyOutcome::DeadLettered
-                }
-            };
-            *event_tallies.entry((position.topic.as_str(), outcome)).or_insert(0) += 1;
-            next_offsets.insert((position.topic.as_str(), position.partition), position.offset + 1);
-            outcomes.push(outcome);
-        }
-        for ((topic, outcome), count) in event_tallies {
-            pending.add_counter(format!("{EVENT_COUNT_PREFIX}{topic}/{}", outcome.as_str()), count);
-        }
-        for (reason, count) in dead_letter_tallies {
-            pending.add_counter(format!("{DEAD_LETTER_COUNT_PREFIX}{reason}"), count);
-        }
-        pending.next_offsets = next_offsets.into_iter().map(|((topic, partition), next)| ((topic.to_owned(), partition), next)).collect();
-        let next_offsets = pending.next_offsets.clone();
-        let write_bytes = pending.commit()?;
-        Ok(BatchReport { outcomes, write_bytes, next_offsets })
-    }
-}
-
-/// A batch overlay's entries in key order. Writing a column family's keys in ascending order lets
-/// RocksDB's memtable skiplist reuse the previous insert's position (its splice) instead of
-/// searching from the top for every key.
-fn sorted_by_key<K: Ord, V>(map: &FxHashMap<K, V>) -> Vec<(&K, &V)> {
-    let mut entries: Vec<(&K, &V)> = map.iter().collect();
-    entries.sort_unstable_by(|left, right| left.0.cmp(right.0));
-    entries
-}
-
-/// The in-memory overlay of one batch: later records in a batch must see earlier ones' effects.
-struct PendingBatch<'store> {
-    store: &'store StateStore,
-    /// Pending product writes: `Some`, or `None` for a delete.
-    products: FxHashMap<String, Option<EncodedProduct>>,
-    judgements: FxHashMap<Vec<u8>, JudgementAggregate>,
-    stored_judgements: FxHashMap<Vec<u8>, Option<JudgementAggregate>>,
-    counter_deltas: BTreeMap<String, i64>,
-    next_offsets: BTreeMap<(String, i32), i64>,
-    /// Embedding queue changes: `Some(hash)` to queue, `None` to dequeue.
-    embedding_queue: FxHashMap<String, Option<ContentHash>>,
-    /// Precomputed vectors to cache: (embedding key, encoded vector).
-    embeddings: Vec<(Vec<u8>, Vec<u8>)>,
-    /// DocID queue changes: `true` to queue (a product new to state), `false` to dequeue (a
-    /// delete; its DocID is freed at commit).
-    docid_queue: FxHashMap<String, bool>,
-}
-
-impl<'store> PendingBatch<'store> {
-    fn new(store: &'store StateStore) -> Self {
-        Self {
-            store,
-            embedding_queue: FxHashMap::default(),
-            embeddings: Vec::new(),
-            docid_queue: FxHashMap::default(),
-            products: FxHashMap::default(),
-            judgements: FxHashMap::default(),
-            stored_judgements: FxHashMap::default(),
-            counter_deltas: BTreeMap::new(),
-            next_offsets: BTreeMap::new(),
-        }
+        self.apply_prepared(&PreparedBatch::prepare(records.to_vec()), mapping)
     }
 
-    fn add_counter(&mut self, name: String, delta: i64) {
-        *self.counter_deltas.entry(name).or_insert(0) += delta;
-    }
-
-    /// The content hash of the product as the batch has it so far (`None`: absent).
-    fn current_product_hash(&mut self, product_id: &str) -> Result<Option<[u8; CONTENT_HASH_BYTES]>, StateError> {
-        if let Some(pending) = self.products.get(product_id) {
-            return Ok(pending.as_ref().map(|(hash, _)| *hash));
-        }
-        self.store.product_content_hash(product_id)
-    }
-
-    fn apply_product(&mut self, event: &ProductEvent, position: &SourcePosition) -> Result<ApplyOutcome, StateError> {
-        let existing = self.current_product_hash(event.product_id())?;
-        match event {
-            ProductEvent::Upsert { product_id, content, embedding } => {
-                let (hash, value) = encode_product_value(content, position);
-                if existing == Some(hash) {
-                    return Ok(ApplyOutcome::Unchanged);
-                }
-                if existing.is_none() {
-                    self.add_counter(PRODUCT_COUNT_KEY.into(), 1);
-                    self.docid_queue.insert(product_id.clone(), true);
-                }
-                self.products.insert(product_id.clone(), Some((hash, value)));
-                let target = self.store.embedding_target();
-                match (embedding, target) {
-                    (Some(precomputed), Some(target)) if precomputed.model == target.model_name && precomputed.vector.len() == target.dimension => {
-                        metrics::counter!(crate::metrics::PRECOMPUTED_EMBEDDINGS_TOTAL, "outcome" => "used").increment(1);
-                        self.embeddings.push((embedding_key(&target.cache_id, &hash), encode_vector(&precomputed.vector)));
-                        self.embedding_queue.insert(product_id.clone(), None);
-                    }
-                    _ => {
-                        self.embedding_queue.insert(product_id.clone(), Some(hash));
-                    }
-                }
-                Ok(ApplyOutcome::Applied)
-            }
-            ProductEvent::Delete { product_id } => {
-                if existing.is_none() {
-                    return Ok(ApplyOutcome::Unchanged);
-                }
-                self.add_counter(PRODUCT_COUNT_KEY.into(), -1);
-                self.products.insert(product_id.clone(), None);
-                self.embedding_queue.insert(product_id.clone(), None);
-                self.docid_queue.insert(product_id.clone(), false);
-                Ok(ApplyOutcome::Applied)
-            }
-        }
-    }
-
-    /// Reads the stored aggregates of every pair the batch touches with one RocksDB
-    /// `MultiGet` (sorted keys, one pass) instead of a point lookup per event. Returns each
-    /// record's judgement key (`None` for non-query records), computed once.
-    fn prefetch_judgements(&mut self, records: &[SourcedRecord]) -> Result<Vec<Option<Vec<u8>>>, StateError> {
-        let record_keys: Vec<Option<Vec<u8>>> = records
+    /// Applies a [`PreparedBatch`] atomically (see [`StateStore::apply_batch`]). Only the
+    /// state-dependent work happens here: reading the stored offsets, product hashes and
+    /// judgement aggregates (one sorted `MultiGet` each), folding the batch onto them and writing
+    /// one `WriteBatch` whose keys arrive in ascending order per column family.
+    pub fn apply_prepared(&self, batch: &PreparedBatch, mapping: &RelevanceMapping) -> Result<BatchReport, StateError> {
+        let records = &batch.records;
+        let duplicates = self.duplicate_mask(batch)?;
+        let is_duplicate = |index: u32| duplicates.as_ref().is_some_and(|mask| mask[index as usize]);
+        let mut outcomes: Vec<ApplyOutcome> = records
             .iter()
-            .map(|sourced| match &sourced.record {
-                DecodedRecord::Query(event) => Some(query_event_key(event)),
-                _ => None,
+            .enumerate()
+            .map(|(index, sourced)| match (&sourced.record, is_duplicate(index as u32)) {
+                (_, true) => ApplyOutcome::Duplicate,
+                (DecodedRecord::DeadLetter(_), false) => ApplyOutcome::DeadLettered,
+                _ => ApplyOutcome::Applied,
             })
             .collect();
-        let mut keys: Vec<&Vec<u8>> = record_keys.iter().flatten().collect();
-        keys.sort_unstable();
-        keys.dedup();
-        if keys.is_empty() {
-            return Ok(record_keys);
-        }
-        let column_family = self.store.column_family(JUDGEMENTS_CF);
-        let values = self.store.database.batched_multi_get_cf(column_family, &keys, true);
-        for (key, value) in keys.into_iter().zip(values) {
-            let stored = match value.map_err(|error| self.store.rocks_error(error))? {
-                Some(bytes) => Some(JudgementAggregate::decode(&bytes)?),
-                None => None,
-            };
-            self.stored_judgements.insert(key.clone(), stored);
-        }
-        Ok(record_keys)
-    }
+        let mut write = BatchWrite::default();
+        self.fold_products(batch, &is_duplicate, &mut outcomes, &mut write)?;
+        self.fold_judgements(batch, &is_duplicate, mapping, &mut write)?;
 
-    fn apply_query(&mut self, key: Vec<u8>, event: &QueryEvent, mapping: &RelevanceMapping) -> Result<ApplyOutcome, StateError> {
-        let mut aggregate = match self.judgements.get(&key) {
-            Some(pending) => *pending,
+        let mut next_offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        match &duplicates {
             None => {
-                let stored = match self.stored_judgements.get(&key) {
-                    Some(prefetched) => *prefetched,
-                    None => self.store.get(JUDGEMENTS_CF, &key)?.map(|bytes| JudgementAggregate::decode(&bytes)).transpose()?,
-                };
-                stored.unwrap_or_else(|| {
-                    self.add_counter(JUDGEMENT_PAIR_COUNT_KEY.into(), 1);
-                    JudgementAggregate::default()
-                })
+                for span in &batch.partitions {
+                    next_offsets.insert((span.topic.clone(), span.partition), span.next_offset);
+                }
             }
-        };
-        aggregate.record(event.signal, mapping);
-        self.judgements.insert(key, aggregate);
-        Ok(ApplyOutcome::Applied)
-    }
-
-    fn commit(self) -> Result<usize, StateError> {
-        let store = self.store;
-        if self.next_offsets.is_empty() {
-            return Ok(0);
-        }
-        let mut batch = WriteBatch::default();
-        let products = store.column_family(PRODUCTS_CF);
-        for (product_id, stored) in sorted_by_key(&self.products) {
-            match stored {
-                Some((_, value)) => batch.put_cf(products, product_id.as_bytes(), value),
-                None => batch.delete_cf(products, product_id.as_bytes()),
+            Some(mask) => {
+                for (sourced, _) in records.iter().zip(mask).filter(|(_, duplicate)| !**duplicate) {
+                    let position = &sourced.position;
+                    let next = next_offsets.entry((position.topic.clone(), position.partition)).or_insert(0);
+                    *next = (*next).max(position.offset + 1);
+                }
             }
         }
-        let queue = store.column_family(EMBEDDING_QUEUE_CF);
-        for (product_id, queued) in sorted_by_key(&self.embedding_queue) {
-            match queued {
-                Some(hash) => batch.put_cf(queue, product_id.as_bytes(), hash),
-                None => batch.delete_cf(queue, product_id.as_bytes()),
-            }
+        if next_offsets.is_empty() {
+            return Ok(BatchReport { outcomes, write_bytes: 0, next_offsets });
         }
-        let embeddings = store.column_family(EMBEDDINGS_CF);
-        for (key, vector) in &self.embeddings {
-            batch.put_cf(embeddings, key, vector);
-        }
-        let judgements = store.column_family(JUDGEMENTS_CF);
-        for (key, aggregate) in sorted_by_key(&self.judgements) {
-            batch.put_cf(judgements, key, aggregate.encode());
-        }
-        let meta = store.column_family(META_CF);
-        for (name, delta) in &self.counter_deltas {
-            let current = store.meta_counter(name)?.unwrap_or(0);
-            batch.put_cf(meta, name.as_bytes(), (current + delta).to_le_bytes());
-        }
-        let offsets = store.column_family(OFFSETS_CF);
-        for ((topic, partition), next) in &self.next_offsets {
-            batch.put_cf(offsets, offset_key(topic, *partition), next.to_be_bytes());
-        }
-        let docid_queue = store.column_family(DOCID_QUEUE_CF);
-        for (product_id, queued) in sorted_by_key(&self.docid_queue) {
-            if *queued {
-                batch.put_cf(docid_queue, product_id.as_bytes(), []);
-            } else {
-                batch.delete_cf(docid_queue, product_id.as_bytes());
-            }
-        }
-        let mut write_options = WriteOptions::default();
-        write_options.set_sync(store.write_options_sync);
-        // Lock order: DocIDs, then the embedding queue (as everywhere else).
-        let _docids_exclusive = store.docid_write_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        // A deleted product's DocID is freed in the same write. Read under the lock, so an
-        // assignment cannot land between this read and the write.
-        let (forward, reverse) = (store.column_family(DOCIDS_CF), store.column_family(DOCID_REVERSE_CF));
-        for (product_id, stored) in &self.products {
-            if stored.is_some() {
+        // Per-batch tallies, turned into `meta` counter updates once at the end.
+        let mut event_tallies: FxHashMap<(&str, ApplyOutcome), i64> = FxHashMap::default();
+        let mut dead_letter_tallies: FxHashMap<DeadLetterReason, i64> = FxHashMap::default();
+        for (sourced, outcome) in records.iter().zip(&outcomes) {
+            if *outcome == ApplyOutcome::Duplicate {
                 continue;
             }
-            if let Some(docid) = store.get(DOCIDS_CF, product_id.as_bytes())? {
+            *event_tallies.entry((sourced.position.topic.as_str(), *outcome)).or_insert(0) += 1;
+            if let DecodedRecord::DeadLetter(reason) = &sourced.record {
+                *dead_letter_tallies.entry(*reason).or_insert(0) += 1;
+            }
+        }
+        let mut counter_deltas: BTreeMap<String, i64> = BTreeMap::new();
+        for ((topic, outcome), count) in event_tallies {
+            *counter_deltas.entry(format!("{EVENT_COUNT_PREFIX}{topic}/{}", outcome.as_str())).or_insert(0) += count;
+        }
+        for (reason, count) in dead_letter_tallies {
+            *counter_deltas.entry(format!("{DEAD_LETTER_COUNT_PREFIX}{reason}")).or_insert(0) += count;
+        }
+        for (name, delta) in [(PRODUCT_COUNT_KEY, write.product_delta), (JUDGEMENT_PAIR_COUNT_KEY, write.new_judgement_pairs)] {
+            if delta != 0 {
+                *counter_deltas.entry(name.to_owned()).or_insert(0) += delta;
+            }
+        }
+        let write_bytes = self.commit_batch_write(write, &counter_deltas, &next_offsets)?;
+        Ok(BatchReport { outcomes, write_bytes, next_offsets })
+    }
+
+    /// Which records of `batch` were applied before (offset below their partition's stored next
+    /// offset): `None` when none were, the common case, so the prepared groups apply as they are.
+    fn duplicate_mask(&self, batch: &PreparedBatch) -> Result<Option<Vec<bool>>, StateError> {
+        let mut stored_next: FxHashMap<(&str, i32), i64> = FxHashMap::default();
+        let mut any_duplicate = false;
+        for span in &batch.partitions {
+            if let Some(next) = self.next_offset(&span.topic, span.partition)? {
+                any_duplicate |= span.first_offset < next;
+                stored_next.insert((span.topic.as_str(), span.partition), next);
+            }
+        }
+        if !any_duplicate {
+            return Ok(None);
+        }
+        let mask = batch
+            .records
+            .iter()
+            .map(|sourced| {
+                let position = &sourced.position;
+                stored_next.get(&(position.topic.as_str(), position.partition)).is_some_and(|next| position.offset < *next)
+            })
+            .collect();
+        Ok(Some(mask))
+    }
+
+    /// Walks each product's operations in batch order from its stored content hash (read with
+    /// one sorted `MultiGet`), setting each record's outcome and adding the product, queue and
+    /// embedding writes to `write`.
+    fn fold_products<'batch>(
+        &self,
+        batch: &'batch PreparedBatch,
+        is_duplicate: &dyn Fn(u32) -> bool,
+        outcomes: &mut [ApplyOutcome],
+        write: &mut BatchWrite<'batch>,
+    ) -> Result<(), StateError> {
+        let groups: Vec<&[u32]> = batch.product_order.chunk_by(|left, right| batch.product_id(*left) == batch.product_id(*right)).collect();
+        if groups.is_empty() {
+            return Ok(());
+        }
+        let column_family = self.column_family(PRODUCTS_CF);
+        let product_ids: Vec<&str> = groups.iter().map(|group| batch.product_id(group[0])).collect();
+        let stored = self.database.batched_multi_get_cf(column_family, product_ids.iter().copied(), true);
+        let target = self.embedding_target();
+        for ((group, product_id), stored) in groups.into_iter().zip(product_ids).zip(stored) {
+            let stored = stored.map_err(|error| self.rocks_error(error))?;
+            let mut current: Option<ContentHash> = match stored {
+                None => None,
+                Some(value) => Some(value.get(..CONTENT_HASH_BYTES).and_then(|prefix| prefix.try_into().ok()).ok_or_else(|| {
+                    StateError::Corrupt { column_family: PRODUCTS_CF, detail: format!("value of {product_id} is shorter than its hash") }
+                })?),
+            };
+            let mut change = ProductChange::default();
+            for &index in group.iter().filter(|index| !is_duplicate(**index)) {
+                let DecodedRecord::Product(event) = &batch.records[index as usize].record else {
+                    unreachable!("product_order holds product records only");
+                };
+                let outcome = match (event, &batch.product_values[index as usize]) {
+                    (ProductEvent::Upsert { embedding, .. }, Some((hash, value))) => {
+                        if current == Some(*hash) {
+                            ApplyOutcome::Unchanged
+                        } else {
+                            if current.is_none() {
+                                write.product_delta += 1;
+                                change.docid_queued = Some(true);
+                            }
+                            current = Some(*hash);
+                            change.value = Some(Some(value.as_slice()));
+                            match (embedding, target) {
+                                (Some(precomputed), Some(target))
+                                    if precomputed.model == target.model_name && precomputed.vector.len() == target.dimension =>
+                                {
+                                    metrics::counter!(crate::metrics::PRECOMPUTED_EMBEDDINGS_TOTAL, "outcome" => "used").increment(1);
+                                    write.embeddings.push((embedding_key(&target.cache_id, hash), encode_vector(&precomputed.vector)));
+                                    change.embedding_queued = Some(None);
+                                }
+                                _ => change.embedding_queued = Some(Some(*hash)),
+                            }
+                            ApplyOutcome::Applied
+                        }
+                    }
+                    (ProductEvent::Delete { .. }, _) => {
+                        if current.is_none() {
+                            ApplyOutcome::Unchanged
+                        } else {
+                            write.product_delta -= 1;
+                            current = None;
+                            change.value = Some(None);
+                            change.embedding_queued = Some(None);
+                            change.docid_queued = Some(false);
+                            ApplyOutcome::Applied
+                        }
+                    }
+                    (ProductEvent::Upsert { .. }, None) => unreachable!("every upsert is encoded by PreparedBatch::prepare"),
+                };
+                outcomes[index as usize] = outcome;
+            }
+            if change.value.is_some() {
+                write.products.push((product_id, change));
+            }
+        }
+        Ok(())
+    }
+
+    /// Folds every query record onto its pair's stored aggregate (read with one sorted
+    /// `MultiGet`) in batch order; the pairs are already in key order.
+    fn fold_judgements<'batch>(
+        &self,
+        batch: &'batch PreparedBatch,
+        is_duplicate: &dyn Fn(u32) -> bool,
+        mapping: &RelevanceMapping,
+        write: &mut BatchWrite<'batch>,
+    ) -> Result<(), StateError> {
+        let groups: Vec<&[(Vec<u8>, u32)]> = batch
+            .judgement_order
+            .chunk_by(|left, right| left.0 == right.0)
+            .filter(|group| group.iter().any(|(_, index)| !is_duplicate(*index)))
+            .collect();
+        if groups.is_empty() {
+            return Ok(());
+        }
+        let column_family = self.column_family(JUDGEMENTS_CF);
+        let keys: Vec<&[u8]> = groups.iter().map(|group| group[0].0.as_slice()).collect();
+        let stored = self.database.batched_multi_get_cf(column_family, keys.iter().copied(), true);
+        write.judgements.reserve(groups.len());
+        for (group, stored) in groups.into_iter().zip(stored) {
+            let stored = stored.map_err(|error| self.rocks_error(error))?;
+            let mut aggregate = match stored {
+                Some(bytes) => JudgementAggregate::decode(&bytes)?,
+                None => {
+                    write.new_judgement_pairs += 1;
+                    JudgementAggregate::default()
+                }
+            };
+            for (_, index) in group.iter().filter(|(_, index)| !is_duplicate(*index)) {
+                let DecodedRecord::Query(event) = &batch.records[*index as usize].record else {
+                    unreachable!("judgement_order holds query records only");
+                };
+                aggregate.record(event.signal, mapping);
+            }
+            write.judgements.push((group[0].0.as_slice(), aggregate.encode()));
+        }
+        Ok(())
+    }
+
+    /// Writes one folded batch: products, queues, embeddings, judgements, counters and offsets in
+    /// one `WriteBatch`; frees the DocIDs of deleted products in the same write.
+    fn commit_batch_write(
+        &self,
+        write: BatchWrite<'_>,
+        counter_deltas: &BTreeMap<String, i64>,
+        next_offsets: &BTreeMap<(String, i32), i64>,
+    ) -> Result<usize, StateError> {
+        let mut batch = WriteBatch::default();
+        let (products, queue, docid_queue) =
+            (self.column_family(PRODUCTS_CF), self.column_family(EMBEDDING_QUEUE_CF), self.column_family(DOCID_QUEUE_CF));
+        // Products are in id order, so each of these column families receives ascending keys.
+        for (product_id, change) in &write.products {
+            match change.value {
+                Some(Some(value)) => batch.put_cf(products, product_id.as_bytes(), value),
+                Some(None) => batch.delete_cf(products, product_id.as_bytes()),
+                None => {}
+            }
+            match change.embedding_queued {
+                Some(Some(hash)) => batch.put_cf(queue, product_id.as_bytes(), hash),
+                Some(None) => batch.delete_cf(queue, product_id.as_bytes()),
+                None => {}
+            }
+            match change.docid_queued {
+                Some(true) => batch.put_cf(docid_queue, product_id.as_bytes(), []),
+                Some(false) => batch.delete_cf(docid_queue, product_id.as_bytes()),
+                None => {}
+            }
+        }
+        let embeddings = self.column_family(EMBEDDINGS_CF);
+        for (key, vector) in &write.embeddings {
+            batch.put_cf(embeddings, key, vector);
+        }
+        let judgements = self.column_family(JUDGEMENTS_CF);
+        for (key, aggregate) in &write.judgements {
+            batch.put_cf(judgements, key, aggregate);
+        }
+        let meta = self.column_family(META_CF);
+        for (name, delta) in counter_deltas {
+            let current = self.meta_counter(name)?.unwrap_or(0);
+            batch.put_cf(meta, name.as_bytes(), (current + delta).to_le_bytes());
+        }
+        let offsets = self.column_family(OFFSETS_CF);
+        for ((topic, partition), next) in next_offsets {
+            batch.put_cf(offsets, offset_key(topic, *partition), next.to_be_bytes());
+        }
+        let mut write_options = WriteOptions::default();
+        write_options.set_sync(self.write_options_sync);
+        // Lock order: DocIDs, then the embedding queue (as everywhere else).
+        let _docids_exclusive = self.docid_write_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A deleted product's DocID is freed in the same write. Read under the lock, so an
+        // assignment cannot land between this read and the write.
+        let (forward, reverse) = (self.column_family(DOCIDS_CF), self.column_family(DOCID_REVERSE_CF));
+        for (product_id, _) in write.products.iter().filter(|(_, change)| change.value == Some(None)) {
+            if let Some(docid) = self.get(DOCIDS_CF, product_id.as_bytes())? {
                 batch.delete_cf(forward, product_id.as_bytes());
                 batch.delete_cf(reverse, docid);
             }
         }
         let write_bytes = batch.size_in_bytes();
-        let _queue_exclusive = store.queue_write_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        store.database.write_opt(batch, &write_options).map_err(|error| store.rocks_error(error))?;
+        let _queue_exclusive = self.queue_write_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.database.write_opt(batch, &write_options).map_err(|error| self.rocks_error(error))?;
         Ok(write_bytes)
     }
+}
+
+/// One partition's offsets within a prepared batch.
+#[derive(Debug, Clone)]
+struct PartitionSpan {
+    topic: String,
+    partition: i32,
+    /// Lowest offset of the batch in this partition.
+    first_offset: i64,
+    /// Highest offset plus one: the partition's next offset once the batch is applied.
+    next_offset: i64,
+}
+
+/// A micro-batch with everything that does not depend on stored state computed ahead: each
+/// upsert's stored value and content hash, each query event's judgement key, the products and
+/// the judgement pairs in key order (records of one key in batch order), and each partition's
+/// offset span. The indexer prepares a batch on its consumer task while the previous batch is
+/// written, so the state writer thread only reads, folds and writes.
+#[derive(Debug, Clone)]
+pub struct PreparedBatch {
+    records: Vec<SourcedRecord>,
+    /// Per record: the encoded value of a product upsert, `None` for every other record.
+    product_values: Vec<Option<EncodedProduct>>,
+    /// Indices of the product records, by product id, then batch order.
+    product_order: Vec<u32>,
+    /// (judgement key, record index) of every query record, by key, then batch order.
+    judgement_order: Vec<(Vec<u8>, u32)>,
+    partitions: Vec<PartitionSpan>,
+}
+
+impl PreparedBatch {
+    /// Encodes, keys and orders `records` (in consumption order, offsets ascending per
+    /// partition) for [`StateStore::apply_prepared`].
+    pub fn prepare(records: Vec<SourcedRecord>) -> Self {
+        debug_assert!(records.len() <= u32::MAX as usize, "a micro-batch is far below 2^32 records");
+        let mut product_values = Vec::with_capacity(records.len());
+        let mut product_order = Vec::new();
+        let mut judgement_order = Vec::new();
+        let mut partitions: Vec<PartitionSpan> = Vec::new();
+        for (index, sourced) in records.iter().enumerate() {
+            let position = &sourced.position;
+            match partitions.iter_mut().find(|span| span.partition == position.partition && span.topic == position.topic) {
+                Some(span) => {
+                    span.first_offset = span.first_offset.min(position.offset);
+                    span.next_offset = span.next_offset.max(position.offset + 1);
+                }
+                None => partitions.push(PartitionSpan {
+                    topic: position.topic.clone(),
+                    partition: position.partition,
+                    first_offset: position.offset,
+                    next_offset: position.offset + 1,
+                }),
+            }
+            let value = match &sourced.record {
+                DecodedRecord::Product(event) => {
+                    product_order.push(index as u32);
+                    match event {
+                        ProductEvent::Upsert { content, .. } => Some(encode_product_value(content, position)),
+                        ProductEvent::Delete { .. } => None,
+                    }
+                }
+                DecodedRecord::Query(event) => {
+                    judgement_order.push((query_event_key(event), index as u32));
+                    None
+                }
+                DecodedRecord::DeadLetter(_) => None,
+            };
+            product_values.push(value);
+        }
+        // Stable sorts: records of one key keep their batch order.
+        product_order.sort_by(|left, right| product_id_of(&records, *left).cmp(product_id_of(&records, *right)));
+        judgement_order.sort_by(|left, right| left.0.cmp(&right.0));
+        Self { records, product_values, product_order, judgement_order, partitions }
+    }
+
+    /// The records, in consumption order.
+    pub fn records(&self) -> &[SourcedRecord] {
+        &self.records
+    }
+
+    /// Gives the records back.
+    pub fn into_records(self) -> Vec<SourcedRecord> {
+        self.records
+    }
+
+    fn product_id(&self, index: u32) -> &str {
+        product_id_of(&self.records, index)
+    }
+}
+
+fn product_id_of(records: &[SourcedRecord], index: u32) -> &str {
+    match &records[index as usize].record {
+        DecodedRecord::Product(event) => event.product_id(),
+        _ => unreachable!("product_order holds product records only"),
+    }
+}
+
+/// What one product's records in a batch change, in the writer's fold.
+#[derive(Debug, Default, PartialEq)]
+struct ProductChange<'batch> {
+    /// `Some(Some(value))`: write the value; `Some(None)`: delete the product.
+    value: Option<Option<&'batch [u8]>>,
+    /// Embedding queue: `Some(Some(hash))` queue, `Some(None)` dequeue.
+    embedding_queued: Option<Option<ContentHash>>,
+    /// DocID queue: `Some(true)` queue (new to state), `Some(false)` dequeue (deleted).
+    docid_queued: Option<bool>,
+}
+
+/// The writes a folded batch adds up to, in key order per column family.
+#[derive(Debug, Default)]
+struct BatchWrite<'batch> {
+    products: Vec<(&'batch str, ProductChange<'batch>)>,
+    judgements: Vec<(&'batch [u8], [u8; JudgementAggregate::ENCODED_BYTES])>,
+    /// Precomputed vectors to cache: (embedding key, encoded vector).
+    embeddings: Vec<(Vec<u8>, Vec<u8>)>,
+    product_delta: i64,
+    new_judgement_pairs: i64,
 }
 
 #[cfg(test)]
@@ -1457,6 +1602,100 @@ mod tests {
         let decoded = decode_product_value(&value).unwrap();
         assert_eq!(decoded, StoredProduct { content, content_hash: hex::encode(hash), updated_by: position });
         assert!(decode_product_value(&value[..10]).is_err());
+    }
+
+    fn delete(product_id: &str, offset: i64) -> SourcedRecord {
+        SourcedRecord {
+            position: position("products", offset),
+            record: DecodedRecord::Product(ProductEvent::Delete { product_id: product_id.into() }),
+        }
+    }
+
+    fn signal(query: &str, product_id: &str, signal: QuerySignal, partition: i32, offset: i64) -> SourcedRecord {
+        SourcedRecord {
+            position: SourcePosition { topic: "query-events".into(), partition, offset },
+            record: DecodedRecord::Query(QueryEvent { query: query.into(), locale: Some("us".into()), product_id: product_id.into(), signal }),
+        }
+    }
+
+    /// Everything a batch can change, read back for comparison.
+    fn snapshot(store: &StateStore) -> (Vec<(String, StoredProduct)>, Vec<(JudgementKey, JudgementAggregate)>, StateCounts, Vec<QueuedProduct>, Vec<String>) {
+        let mut products = Vec::new();
+        store.for_each_product(|product_id, product| products.push((product_id.to_owned(), product))).unwrap();
+        let mut judgements = Vec::new();
+        store.for_each_judgement(|key, aggregate| judgements.push((key, aggregate))).unwrap();
+        let embedding_queue = store.embedding_queue_page(None, 1_000, |_| true).unwrap();
+        let docid_queue = store.docid_queue_page(None, 1_000).unwrap();
+        (products, judgements, store.counts().unwrap(), embedding_queue, docid_queue)
+    }
+
+    /// The prepared fold (records grouped by key, folded from one MultiGet) must do exactly what
+    /// applying the records one by one does, for every mix of upserts, deletes and signals on
+    /// the same keys within one batch.
+    #[test]
+    fn one_batch_equals_applying_its_records_one_by_one() {
+        let mapping = RelevanceMapping::default();
+        let preexisting = vec![upsert("P2", "two", 0), upsert("P4", "four", 1), signal("red shoes", "P2", QuerySignal::Judgement(RelevanceLevel::Complement), 0, 0)];
+        let click = QuerySignal::Interaction(InteractionAction::Click);
+        let batch = vec![
+            upsert("P3", "three", 2),
+            signal("red shoes", "P2", click, 0, 1),
+            upsert("P1", "one", 3),
+            delete("P1", 4),
+            signal("red shoes", "P1", QuerySignal::Judgement(RelevanceLevel::Exact), 1, 0),
+            upsert("P1", "one again", 5),
+            upsert("P2", "two", 6),
+            delete("P4", 7),
+            signal("red shoes", "P2", QuerySignal::Judgement(RelevanceLevel::Substitute), 0, 2),
+            delete("P9", 8),
+            upsert("P3", "three, edited", 9),
+            SourcedRecord { position: position("products", 10), record: DecodedRecord::DeadLetter(DeadLetterReason::InvalidJson) },
+            signal("blue shoes", "P3", QuerySignal::Interaction(InteractionAction::Impression), 1, 1),
+            signal("red shoes", "P1", click, 1, 2),
+        ];
+        let (one_by_one, batched) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (one_by_one, batched) =
+            (StateStore::open(one_by_one.path(), &StateOptions::default()).unwrap(), StateStore::open(batched.path(), &StateOptions::default()).unwrap());
+        let mut outcomes = Vec::new();
+        for store in [&one_by_one, &batched] {
+            store.apply_batch(&preexisting, &mapping).unwrap();
+        }
+        for record in &batch {
+            outcomes.extend(one_by_one.apply_batch(std::slice::from_ref(record), &mapping).unwrap().outcomes);
+        }
+        let report = batched.apply_batch(&batch, &mapping).unwrap();
+        assert_eq!(report.outcomes, outcomes);
+        use ApplyOutcome::{Applied, DeadLettered, Unchanged};
+        assert_eq!(outcomes, [Applied, Applied, Applied, Applied, Applied, Applied, Unchanged, Applied, Applied, Unchanged, Applied, DeadLettered, Applied, Applied]);
+        assert_eq!(snapshot(&batched), snapshot(&one_by_one));
+        let (products, judgements, counts, embedding_queue, docid_queue) = snapshot(&batched);
+        assert_eq!(docid_queue, ["P1", "P2", "P3"], "new products queue for a DocID; the deleted P4 leaves the queue");
+        let queued_hashes: Vec<(&str, String)> = embedding_queue.iter().map(|queued| (queued.product_id.as_str(), hex::encode(queued.content_hash))).collect();
+        assert_eq!(queued_hashes, [("P1", products[0].1.content_hash.clone()), ("P2", products[1].1.content_hash.clone()), ("P3", products[2].1.content_hash.clone())]);
+        assert_eq!(products.iter().map(|(id, product)| (id.as_str(), product.content.title.as_str())).collect::<Vec<_>>(), [("P1", "one again"), ("P2", "two"), ("P3", "three, edited")]);
+        assert_eq!((counts.products, counts.judgement_pairs, judgements.len()), (3, 3, 3));
+        assert_eq!(report.next_offsets.get(&("products".to_owned(), 0)), Some(&11));
+        assert_eq!(report.next_offsets.get(&("query-events".to_owned(), 1)), Some(&3));
+    }
+
+    /// A batch that overlaps what state already holds (a redelivery after a crash that landed
+    /// part of it) applies only the records past each partition's stored offset.
+    #[test]
+    fn a_partly_applied_batch_applies_only_its_new_records() {
+        let mapping = RelevanceMapping::default();
+        let directory = tempfile::tempdir().unwrap();
+        let store = StateStore::open(directory.path(), &StateOptions::default()).unwrap();
+        let click = QuerySignal::Interaction(InteractionAction::Click);
+        let batch = vec![upsert("P1", "one", 0), signal("q", "P1", click, 0, 0), upsert("P2", "two", 1), signal("q", "P1", click, 0, 1), upsert("P1", "one, edited", 2)];
+        store.apply_batch(&[batch[0].clone(), batch[1].clone()], &mapping).unwrap();
+        let report = store.apply_batch(&batch, &mapping).unwrap();
+        use ApplyOutcome::{Applied, Duplicate};
+        assert_eq!(report.outcomes, [Duplicate, Duplicate, Applied, Applied, Applied]);
+        let aggregate = store.judgement("us", "q", "P1").unwrap().unwrap();
+        assert_eq!(aggregate.action_counts[InteractionAction::Click.index()], 2, "each click once");
+        assert_eq!(store.product("P1").unwrap().unwrap().content.title, "one, edited");
+        assert_eq!(store.counts().unwrap().products, 2);
+        assert_eq!((store.next_offset("products", 0).unwrap(), store.next_offset("query-events", 0).unwrap()), (Some(3), Some(2)));
     }
 
     #[test]
