@@ -235,6 +235,14 @@ fn encode_product_value(content: &ProductContent, updated_by: &SourcePosition) -
     (hash, value)
 }
 
+/// The content hash that prefixes a stored product value, read without decoding the product.
+fn stored_content_hash(product_id: &str, value: &[u8]) -> Result<ContentHash, StateError> {
+    value.get(..CONTENT_HASH_BYTES).and_then(|prefix| prefix.try_into().ok()).ok_or_else(|| StateError::Corrupt {
+        column_family: PRODUCTS_CF,
+        detail: format!("value of {product_id} is shorter than its hash"),
+    })
+}
+
 fn decode_product_value(value: &[u8]) -> Result<StoredProduct, StateError> {
     let corrupt = |detail: String| StateError::Corrupt { column_family: PRODUCTS_CF, detail };
     if value.len() < CONTENT_HASH_BYTES {
@@ -698,11 +706,7 @@ impl StateStore {
         let Some(value) = self.database.get_pinned_cf(column_family, product_id.as_bytes()).map_err(|error| self.rocks_error(error))? else {
             return Ok(None);
         };
-        let hash = value.get(..CONTENT_HASH_BYTES).and_then(|prefix| prefix.try_into().ok()).ok_or_else(|| StateError::Corrupt {
-            column_family: PRODUCTS_CF,
-            detail: format!("value of {product_id} is shorter than its hash"),
-        })?;
-        Ok(Some(hash))
+        stored_content_hash(product_id, &value).map(Some)
     }
 
     /// The aggregate of a (locale, query, product) pair; pass `""` for no locale and the
@@ -1259,12 +1263,7 @@ impl StateStore {
         let target = self.embedding_target();
         for ((group, product_id), stored) in groups.into_iter().zip(product_ids).zip(stored) {
             let stored = stored.map_err(|error| self.rocks_error(error))?;
-            let mut current: Option<ContentHash> = match stored {
-                None => None,
-                Some(value) => Some(value.get(..CONTENT_HASH_BYTES).and_then(|prefix| prefix.try_into().ok()).ok_or_else(|| {
-                    StateError::Corrupt { column_family: PRODUCTS_CF, detail: format!("value of {product_id} is shorter than its hash") }
-                })?),
-            };
+            let mut current = stored.map(|value| stored_content_hash(product_id, &value)).transpose()?;
             let mut change = ProductChange::default();
             for &index in group.iter().filter(|index| !is_duplicate(**index)) {
                 let DecodedRecord::Product(event) = &batch.records[index as usize].record else {
