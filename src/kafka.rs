@@ -10,6 +10,7 @@ use anyhow::{anyhow, Context};
 use rdkafka::config::ClientConfig;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 use crate::config::{Config, KafkaConfig, TopicNames};
 
@@ -51,8 +52,14 @@ pub fn embedded_topic_layout(kafka: &KafkaConfig) -> Vec<(String, i32)> {
 /// on its own thread (the handle is not `Send`) until this value is dropped.
 pub struct EmbeddedBroker {
     bootstrap_servers: String,
-    shutdown: Option<mpsc::Sender<()>>,
+    control: Option<mpsc::Sender<BrokerControl>>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// Requests to the embedded broker's thread (the mock cluster handle is not `Send`).
+enum BrokerControl {
+    /// Fail the next Produce requests with these errors, in order; acknowledged when set.
+    FailProduceRequests(Vec<RDKafkaRespErr>, mpsc::Sender<()>),
 }
 
 impl std::fmt::Debug for EmbeddedBroker {
@@ -65,7 +72,7 @@ impl EmbeddedBroker {
     /// Starts a one-broker mock cluster and creates `topics` (name, partitions) on it.
     pub fn start(topics: &[(String, i32)]) -> anyhow::Result<Self> {
         let (ready_sender, ready_receiver) = mpsc::channel::<anyhow::Result<String>>();
-        let (shutdown_sender, shutdown_receiver) = mpsc::channel::<()>();
+        let (control_sender, control_receiver) = mpsc::channel::<BrokerControl>();
         let topics = topics.to_vec();
         let thread = std::thread::Builder::new()
             .name("embedded-kafka".into())
@@ -86,15 +93,22 @@ impl EmbeddedBroker {
                     }
                 };
                 let _ = ready_sender.send(Ok(cluster.bootstrap_servers()));
-                // Returns when the sender is dropped or signals: either way, shut down.
-                let _ = shutdown_receiver.recv();
+                // Serves control requests until the handle is dropped, then shuts down.
+                for request in control_receiver {
+                    match request {
+                        BrokerControl::FailProduceRequests(errors, done) => {
+                            cluster.request_errors(RDKafkaApiKey::Produce, &errors);
+                            let _ = done.send(());
+                        }
+                    }
+                }
                 drop(cluster);
             })
             .context("spawning the embedded broker thread")?;
         let bootstrap_servers = ready_receiver
             .recv_timeout(Duration::from_secs(30))
             .context("embedded broker did not start within 30 s")??;
-        Ok(Self { bootstrap_servers, shutdown: Some(shutdown_sender), thread: Some(thread) })
+        Ok(Self { bootstrap_servers, control: Some(control_sender), thread: Some(thread) })
     }
 
     /// Starts the embedded broker with the topics of `config`.
@@ -106,13 +120,24 @@ impl EmbeddedBroker {
     pub fn bootstrap_servers(&self) -> &str {
         &self.bootstrap_servers
     }
+
+    /// Fault injection: the broker answers its next `errors.len()` Produce requests (from any
+    /// client) with these errors, one per request, in order, instead of storing the messages.
+    /// For tests of delivery failures; returns once the errors are in place.
+    pub fn fail_next_produce_requests(&self, errors: &[RDKafkaRespErr]) -> anyhow::Result<()> {
+        let control = self.control.as_ref().context("the embedded broker has stopped")?;
+        let (done, acknowledged) = mpsc::channel();
+        control
+            .send(BrokerControl::FailProduceRequests(errors.to_vec(), done))
+            .map_err(|_| anyhow!("the embedded broker thread has stopped"))?;
+        acknowledged.recv_timeout(Duration::from_secs(10)).context("the embedded broker did not take the errors")
+    }
 }
 
 impl Drop for EmbeddedBroker {
     fn drop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
+        // Dropping the control channel ends the broker thread's loop.
+        self.control = None;
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }

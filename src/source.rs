@@ -13,8 +13,9 @@
 //! lag tools (`kafka-consumer-groups`, Burrow) see the group's progress.
 
 use rustc_hash::{FxHashMap, FxHashSet};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -188,44 +189,300 @@ impl RunSummary {
 
 /// A message rejected by validation, with the bytes the dead letter carries.
 struct RejectedMessage {
+    position: SourcePosition,
     invalid: InvalidEvent,
     key: Option<Vec<u8>>,
     payload: Option<Vec<u8>>,
 }
 
-/// A consumed message, decoded on receipt.
-struct Received {
-    position: SourcePosition,
-    decoded: Result<DecodedRecord, RejectedMessage>,
+/// Which of the two subscribed topics a message came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum SubscribedTopic {
+    Products,
+    QueryEvents,
 }
 
-/// What the state writer hands back per batch: the records, the report, the write's duration and
-/// when it completed.
-type AppliedBatch = (Vec<SourcedRecord>, Result<crate::state::BatchReport, crate::state::StateError>, Duration, Instant);
+/// One consumed message: its position, and where its key and payload lie in
+/// [`RawBatch::bytes`].
+#[derive(Debug)]
+struct RawMessage {
+    topic: SubscribedTopic,
+    partition: i32,
+    offset: i64,
+    key: Option<Range<usize>>,
+    payload: Option<Range<usize>>,
+}
 
-/// The state writer: two threads in a pipeline, strictly in submission order. `batch-preparer`
-/// encodes product values, keys judgements and sorts each batch ([`PreparedBatch::prepare`]);
-/// `state-writer` reads, folds and writes it ([`StateStore::apply_prepared`]). The consumer task
-/// meanwhile reads and decodes the next batches, so the three stages overlap and, on a machine
-/// with fewer cores than stages, the scheduler gives idle time to whichever stage has work.
-struct StateWriter {
-    batches: Option<std::sync::mpsc::Sender<Vec<SourcedRecord>>>,
+/// A micro-batch as consumed and not yet decoded. Every message's key and payload is copied
+/// out of librdkafka's buffers into one byte arena (one allocation per batch, not per message),
+/// so the consumer task only polls and copies; the `batch-preparer` thread decodes.
+#[derive(Debug, Default)]
+struct RawBatch {
+    bytes: Vec<u8>,
+    messages: Vec<RawMessage>,
+}
+
+impl RawBatch {
+    /// Arena bytes reserved per expected message, about a query event's size (product events
+    /// are larger); the arena grows past this as needed.
+    const RESERVED_BYTES_PER_MESSAGE: usize = 192;
+
+    fn with_capacity(messages: usize) -> Self {
+        Self { bytes: Vec::with_capacity(messages * Self::RESERVED_BYTES_PER_MESSAGE), messages: Vec::with_capacity(messages) }
+    }
+
+    fn push(&mut self, topic: SubscribedTopic, message: &BorrowedMessage<'_>) {
+        let key = message.key().map(|key| self.copy_in(key));
+        let payload = message.payload().map(|payload| self.copy_in(payload));
+        self.messages.push(RawMessage { topic, partition: message.partition(), offset: message.offset(), key, payload });
+    }
+
+    fn copy_in(&mut self, bytes: &[u8]) -> Range<usize> {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(bytes);
+        start..self.bytes.len()
+    }
+
+    fn bytes_of(&self, range: &Option<Range<usize>>) -> Option<&[u8]> {
+        range.as_ref().map(|range| &self.bytes[range.clone()])
+    }
+}
+
+/// Turns [`RawBatch`]es into records on the `batch-preparer` thread.
+#[derive(Debug, Clone)]
+struct BatchDecoder {
+    products_topic: String,
+    query_events_topic: String,
+    limits: crate::events::ValidationLimits,
+}
+
+impl BatchDecoder {
+    fn new(config: &Config) -> Self {
+        Self {
+            products_topic: config.kafka.topics.products.clone(),
+            query_events_topic: config.kafka.topics.query_events.clone(),
+            limits: config.validation.clone(),
+        }
+    }
+
+    /// Decodes and validates every message, in order: one record each (a rejected message
+    /// becomes a [`DecodedRecord::DeadLetter`] record), plus the rejected messages' bytes for
+    /// the dead-letter topic.
+    fn decode(&self, raw: &RawBatch) -> (Vec<SourcedRecord>, Vec<RejectedMessage>) {
+        let mut records = Vec::with_capacity(raw.messages.len());
+        let mut rejected = Vec::new();
+        for message in &raw.messages {
+            let key = raw.bytes_of(&message.key);
+            let payload = raw.bytes_of(&message.payload);
+            let (topic, decoded) = match message.topic {
+                SubscribedTopic::Products => {
+                    (&self.products_topic, decode_product_event(key, payload, &self.limits).map(DecodedRecord::Product))
+                }
+                SubscribedTopic::QueryEvents => {
+                    (&self.query_events_topic, decode_query_event(payload, &self.limits).map(DecodedRecord::Query))
+                }
+            };
+            let position = SourcePosition { topic: topic.clone(), partition: message.partition, offset: message.offset };
+            match decoded {
+                Ok(record) => records.push(SourcedRecord { position, record }),
+                Err(invalid) => {
+                    records.push(SourcedRecord { position: position.clone(), record: DecodedRecord::DeadLetter(invalid.reason) });
+                    rejected.push(RejectedMessage { position, invalid, key: key.map(<[u8]>::to_vec), payload: payload.map(<[u8]>::to_vec) });
+                }
+            }
+        }
+        (records, rejected)
+    }
+}
+
+/// When the pipeline threads should stop waiting: the run's shutdown request, or the pipeline
+/// being closed (after an error, when nobody will take its results any more).
+#[derive(Debug, Clone)]
+struct StopSignal {
+    shutdown: watch::Receiver<bool>,
+    abandoned: Arc<AtomicBool>,
+}
+
+impl StopSignal {
+    fn is_set(&self) -> bool {
+        *self.shutdown.borrow() || self.abandoned.load(Ordering::Acquire)
+    }
+
+    /// Sleeps for `duration`, checking the signal every 20 ms; true when it was set.
+    fn sleep_unless_stopped(&self, duration: Duration) -> bool {
+        let deadline = Instant::now() + duration;
+        loop {
+            if self.is_set() {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            std::thread::sleep((deadline - now).min(Duration::from_millis(20)));
+        }
+    }
+}
+
+/// Sends rejected messages to the dead-letter topic, each with its original key and payload
+/// and headers naming the reason and the source position.
+#[derive(Clone)]
+struct DeadLetterSender {
+    producer: FutureProducer,
+    topic: String,
+    group_id: String,
+}
+
+impl DeadLetterSender {
+    /// Sends every dead letter and blocks until Kafka has acknowledged all of them; retries the
+    /// failed ones with back-off until they are delivered or `stop` is set (then the batch is not
+    /// applied and will be consumed again).
+    fn deliver_blocking(&self, dead_letters: &[RejectedMessage], stop: &StopSignal) -> anyhow::Result<()> {
+        let mut pending: Vec<&RejectedMessage> = dead_letters.iter().collect();
+        let mut backoff = Duration::from_millis(100);
+        while !pending.is_empty() {
+            // All sends first, so the acknowledgements are awaited concurrently.
+            let deliveries: Vec<_> = pending.iter().map(|rejected| self.send(rejected)).collect();
+            let mut still_pending = Vec::new();
+            for (rejected, delivery) in pending.into_iter().zip(deliveries) {
+                let acknowledged = delivery.and_then(|delivery| match futures::executor::block_on(delivery) {
+                    Ok(Ok(_delivery)) => Ok(()),
+                    Ok(Err((error, _message))) => Err(error.to_string()),
+                    Err(_canceled) => Err("the producer dropped the delivery report".to_owned()),
+                });
+                if let Err(error) = acknowledged {
+                    metrics::counter!(names::DEAD_LETTER_DELIVERY_FAILURES_TOTAL).increment(1);
+                    tracing::warn!(%error, topic = %rejected.position.topic, partition = rejected.position.partition,
+                        offset = rejected.position.offset, "dead letter delivery failed; retrying");
+                    still_pending.push(rejected);
+                }
+            }
+            pending = still_pending;
+            if pending.is_empty() {
+                break;
+            }
+            if stop.sleep_unless_stopped(backoff) {
+                anyhow::bail!("stopped while {} dead letters were undelivered; the batch will be consumed again", pending.len());
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+        Ok(())
+    }
+
+    /// Hands one dead letter to the producer; the future resolves on Kafka's acknowledgement.
+    fn send(&self, rejected: &RejectedMessage) -> Result<rdkafka::producer::DeliveryFuture, String> {
+        let position = &rejected.position;
+        let partition = position.partition.to_string();
+        let offset = position.offset.to_string();
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis()).unwrap_or(0).to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "reason", value: Some(rejected.invalid.reason.as_str()) })
+            .insert(Header { key: "detail", value: Some(rejected.invalid.detail.as_str()) })
+            .insert(Header { key: "source_topic", value: Some(position.topic.as_str()) })
+            .insert(Header { key: "source_partition", value: Some(partition.as_str()) })
+            .insert(Header { key: "source_offset", value: Some(offset.as_str()) })
+            .insert(Header { key: "dead_lettered_at_ms", value: Some(now_ms.as_str()) })
+            .insert(Header { key: "indexer_group_id", value: Some(self.group_id.as_str()) });
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).headers(headers);
+        if let Some(key) = &rejected.key {
+            record = record.key(key.as_slice());
+        }
+        if let Some(payload) = &rejected.payload {
+            record = record.payload(payload.as_slice());
+        }
+        self.producer.send_result(record).map_err(|(error, _record)| error.to_string())
+    }
+}
+
+/// A written batch's records counted by topic and outcome, and its dead letters by topic and
+/// reason: what the metrics need, tallied on the writer thread so the records never travel back.
+#[derive(Debug, Default)]
+struct OutcomeTally {
+    records: usize,
+    outcomes: Vec<(String, ApplyOutcome, u64)>,
+    dead_letters: Vec<(String, DeadLetterReason, u64)>,
+}
+
+impl OutcomeTally {
+    fn of(records: &[SourcedRecord], outcomes: &[ApplyOutcome]) -> Self {
+        debug_assert_eq!(records.len(), outcomes.len(), "one outcome per record");
+        let mut tally = Self { records: records.len(), ..Self::default() };
+        for (record, &outcome) in records.iter().zip(outcomes) {
+            let topic = record.position.topic.as_str();
+            increment(&mut tally.outcomes, topic, outcome);
+            if let (ApplyOutcome::DeadLettered, DecodedRecord::DeadLetter(reason)) = (outcome, &record.record) {
+                increment(&mut tally.dead_letters, topic, *reason);
+            }
+        }
+        tally
+    }
+}
+
+/// Adds one to the `(topic, label)` entry; a linear scan, as a batch has a handful of entries.
+fn increment<Label: Copy + PartialEq>(entries: &mut Vec<(String, Label, u64)>, topic: &str, label: Label) {
+    match entries.iter_mut().find(|(entry_topic, entry_label, _)| *entry_label == label && entry_topic == topic) {
+        Some((_, _, count)) => *count += 1,
+        None => entries.push((topic.to_owned(), label, 1)),
+    }
+}
+
+/// What the pipeline hands back per batch.
+struct AppliedBatch {
+    /// The batch's records counted by outcome (empty when the batch was not written).
+    tally: OutcomeTally,
+    /// The write's report, or why the batch was not written.
+    report: anyhow::Result<crate::state::BatchReport>,
+    /// How long the RocksDB write took.
+    write_duration: Duration,
+    /// When the write completed.
+    completed: Instant,
+}
+
+/// The batch pipeline behind the consumer task: two threads, strictly in submission order.
+/// `batch-preparer` decodes and validates each [`RawBatch`], delivers its dead letters (a batch
+/// is written only after Kafka acknowledged them), then encodes product values, keys judgements
+/// and sorts ([`PreparedBatch::prepare`]); `state-writer` reads, folds and writes it
+/// ([`StateStore::apply_prepared`]). The consumer task meanwhile polls and copies the next
+/// batches, so the three stages overlap and, on a machine with fewer cores than stages, the
+/// scheduler gives idle time to whichever stage has work.
+struct BatchPipeline {
+    batches: Option<std::sync::mpsc::Sender<RawBatch>>,
     applied: tokio::sync::mpsc::UnboundedReceiver<AppliedBatch>,
     threads: Vec<std::thread::JoinHandle<()>>,
-    /// Batches submitted and not yet taken back with [`StateWriter::take_applied`].
+    abandoned: Arc<AtomicBool>,
+    /// Batches submitted and not yet taken back with [`BatchPipeline::take_applied`].
     in_flight: usize,
 }
 
-impl StateWriter {
-    fn start(state: Arc<StateStore>, mapping: crate::events::RelevanceMapping) -> anyhow::Result<Self> {
-        let (batches, pending) = std::sync::mpsc::channel::<Vec<SourcedRecord>>();
-        let (prepared_sender, prepared) = std::sync::mpsc::channel::<PreparedBatch>();
+impl BatchPipeline {
+    fn start(
+        state: Arc<StateStore>,
+        mapping: crate::events::RelevanceMapping,
+        decoder: BatchDecoder,
+        dead_letters: DeadLetterSender,
+        shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<Self> {
+        let (batches, pending) = std::sync::mpsc::channel::<RawBatch>();
+        let (prepared_sender, prepared) = std::sync::mpsc::channel::<anyhow::Result<PreparedBatch>>();
         let (applied_sender, applied) = tokio::sync::mpsc::unbounded_channel();
+        // Written batches go back to the preparer to be freed: their records were allocated
+        // there, so freeing them there is the allocator's fast path, and the writer (the
+        // pipeline's bottleneck) spent ~18 % of its time in those frees (perf, 2026-11-26).
+        let (spent_sender, spent) = std::sync::mpsc::channel::<PreparedBatch>();
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let stop = StopSignal { shutdown, abandoned: Arc::clone(&abandoned) };
         let preparer = std::thread::Builder::new()
             .name("batch-preparer".into())
             .spawn(move || {
-                for records in pending {
-                    if prepared_sender.send(PreparedBatch::prepare(records)).is_err() {
+                for raw in pending {
+                    spent.try_iter().for_each(drop);
+                    let (records, rejected) = decoder.decode(&raw);
+                    drop(raw);
+                    let prepared = dead_letters.deliver_blocking(&rejected, &stop).map(|()| PreparedBatch::prepare(records));
+                    // A batch whose dead letters could not be delivered stops the pipeline: a
+                    // later batch's offsets would otherwise cover its events.
+                    let failed = prepared.is_err();
+                    if prepared_sender.send(prepared).is_err() || failed {
                         return;
                     }
                 }
@@ -234,25 +491,35 @@ impl StateWriter {
         let writer = std::thread::Builder::new()
             .name("state-writer".into())
             .spawn(move || {
-                for batch in prepared {
+                for prepared in prepared {
                     let started = Instant::now();
-                    let report = state.apply_prepared(&batch, &mapping);
-                    // After a failed write no later batch may land: its offsets would cover the
+                    let report = prepared.and_then(|batch| Ok((state.apply_prepared(&batch, &mapping)?, batch)));
+                    let (write_duration, completed) = (started.elapsed(), Instant::now());
+                    // After a failed batch no later batch may land: its offsets would cover the
                     // failed batch's events. The consumer task stops on the error it receives.
                     let failed = report.is_err();
-                    let written = (batch.into_records(), report, started.elapsed(), Instant::now());
-                    if applied_sender.send(written).is_err() || failed {
+                    let (tally, report) = match report {
+                        Ok((report, batch)) => {
+                            let tally = OutcomeTally::of(batch.records(), &report.outcomes);
+                            // Once the preparer has stopped, the batch is dropped here instead.
+                            let _ = spent_sender.send(batch);
+                            (tally, Ok(report))
+                        }
+                        Err(error) => (OutcomeTally::default(), Err(error)),
+                    };
+                    let applied = AppliedBatch { tally, report, write_duration, completed };
+                    if applied_sender.send(applied).is_err() || failed {
                         return;
                     }
                 }
             })
             .context("starting the state writer thread")?;
-        Ok(Self { batches: Some(batches), applied, threads: vec![preparer, writer], in_flight: 0 })
+        Ok(Self { batches: Some(batches), applied, threads: vec![preparer, writer], abandoned, in_flight: 0 })
     }
 
-    fn submit(&mut self, records: Vec<SourcedRecord>) -> anyhow::Result<()> {
-        let sender = self.batches.as_ref().context("the state writer is closed")?;
-        sender.send(records).map_err(|_| anyhow::anyhow!("the state writer thread has stopped"))?;
+    fn submit(&mut self, batch: RawBatch) -> anyhow::Result<()> {
+        let sender = self.batches.as_ref().context("the batch pipeline is closed")?;
+        sender.send(batch).map_err(|_| anyhow::anyhow!("the batch pipeline has stopped"))?;
         self.in_flight += 1;
         Ok(())
     }
@@ -263,30 +530,32 @@ impl StateWriter {
             return Ok(None);
         }
         let applied = if wait {
-            self.applied.recv().await.context("the state writer thread has stopped")?
+            self.applied.recv().await.context("the batch pipeline has stopped")?
         } else {
             match self.applied.try_recv() {
                 Ok(applied) => applied,
                 Err(tokio::sync::mpsc::error::TryRecvError::Empty) => return Ok(None),
-                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => anyhow::bail!("the state writer thread has stopped"),
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => anyhow::bail!("the batch pipeline has stopped"),
             }
         };
         self.in_flight -= 1;
         Ok(Some(applied))
     }
 
-    /// Stops the thread once it has written everything submitted.
+    /// Stops the threads once they have finished what was submitted; a dead-letter delivery
+    /// still retrying gives up.
     fn close(&mut self) {
+        self.abandoned.store(true, Ordering::Release);
         self.batches = None;
         for thread in self.threads.drain(..) {
             if thread.join().is_err() {
-                tracing::error!("a state writer thread panicked");
+                tracing::error!("a batch pipeline thread panicked");
             }
         }
     }
 }
 
-impl Drop for StateWriter {
+impl Drop for BatchPipeline {
     fn drop(&mut self) {
         self.close();
     }
@@ -295,7 +564,7 @@ impl Drop for StateWriter {
 /// The streaming indexer: one consumer-group member writing one state directory.
 pub struct Indexer {
     consumer: Arc<StreamConsumer<IngestContext>>,
-    dead_letter_producer: FutureProducer,
+    dead_letters: DeadLetterSender,
     state: Arc<StateStore>,
     config: Arc<Config>,
 }
@@ -309,9 +578,13 @@ impl Indexer {
             client_config.create_with_context(context).context("creating Kafka consumer")?;
         let topics = [config.kafka.topics.products.as_str(), config.kafka.topics.query_events.as_str()];
         consumer.subscribe(&topics).context("subscribing")?;
-        let dead_letter_producer = reliable_producer(&config.kafka, bootstrap_servers)?;
+        let dead_letters = DeadLetterSender {
+            producer: reliable_producer(&config.kafka, bootstrap_servers)?,
+            topic: config.kafka.topics.dead_letters.clone(),
+            group_id: config.kafka.group_id.clone(),
+        };
         tracing::info!(bootstrap_servers, group_id = %config.kafka.group_id, ?topics, "indexer connected");
-        Ok(Self { consumer: Arc::new(consumer), dead_letter_producer, state, config })
+        Ok(Self { consumer: Arc::new(consumer), dead_letters, state, config })
     }
 
     /// The state this indexer writes.
@@ -344,20 +617,26 @@ impl Indexer {
 
     /// Consumes and applies batches until `shutdown` turns true or `options` say to stop.
     ///
-    /// Batches are pipelined: the `batch-preparer` and `state-writer` threads prepare and write
-    /// them to RocksDB strictly in order while this task collects and decodes the next ones and
-    /// delivers their dead letters, with at most `batch.max_in_flight` batches handed over and
-    /// not yet written (product-heavy batches cost the writer several times what query batches
-    /// do, so a queue lets each side absorb the other's bursts). `expected_next` tracks, per partition, the
-    /// next offset state will hold once the handed-over batches land, so redeliveries are
-    /// filtered before they reach the dead-letter topic.
+    /// Batches are pipelined ([`BatchPipeline`]): the `batch-preparer` thread decodes them,
+    /// delivers their dead letters and prepares them, and the `state-writer` thread writes them
+    /// to RocksDB, strictly in order, while this task polls and copies the next ones; at most
+    /// `batch.max_in_flight` batches are handed over and not yet written (product-heavy batches
+    /// cost several times what query batches do, so a queue lets each stage absorb the others'
+    /// bursts). `expected_next` tracks, per partition, the next offset state will hold once the
+    /// handed-over batches land, so redeliveries are filtered before they are decoded.
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>, options: RunOptions) -> anyhow::Result<RunSummary> {
         let started = Instant::now();
         let mut summary = RunSummary::default();
-        let mut writer = StateWriter::start(Arc::clone(&self.state), self.config.relevance.clone())?;
+        let mut writer = BatchPipeline::start(
+            Arc::clone(&self.state),
+            self.config.relevance.clone(),
+            BatchDecoder::new(&self.config),
+            self.dead_letters.clone(),
+            shutdown.clone(),
+        )?;
         let (stop_lag_refresher, lag_refresher_stop) = watch::channel(false);
         let lag_task = self.spawn_lag_refresher(lag_refresher_stop);
-        let mut expected_next: FxHashMap<String, FxHashMap<i32, i64>> = FxHashMap::default();
+        let mut expected_next: FxHashMap<(SubscribedTopic, i32), i64> = FxHashMap::default();
         let max_in_flight = self.config.batch.max_in_flight.max(1);
         let result = loop {
             if *shutdown.borrow() {
@@ -370,7 +649,7 @@ impl Indexer {
             if summary.first_event_received.is_none() {
                 summary.first_event_received = first_received;
             }
-            if received.is_empty() {
+            if received.messages.is_empty() {
                 if let Err(error) = self.finish_written(&mut writer, 0, &mut summary).await {
                     break Err(error);
                 }
@@ -383,8 +662,8 @@ impl Indexer {
                 }
                 continue;
             }
-            let prepared = match self.prepare_batch(received, &mut expected_next, &mut summary, &mut shutdown).await {
-                Ok(prepared) => prepared,
+            let new_messages = match self.drop_revoked_and_redelivered(received, &mut expected_next, &mut summary) {
+                Ok(new_messages) => new_messages,
                 Err(error) => break Err(error),
             };
             if let Err(error) = self.finish_written(&mut writer, max_in_flight - 1, &mut summary).await {
@@ -394,10 +673,12 @@ impl Indexer {
                 // Crash-test stop: the prepared batch is abandoned, as a crash would.
                 break Ok(());
             }
-            if let Some(records) = prepared {
-                if let Err(error) = writer.submit(records) {
-                    break Err(error);
-                }
+            if new_messages.messages.is_empty() {
+                continue;
+            }
+            if let Err(error) = writer.submit(new_messages) {
+                // The pipeline stopped on an error of its own, which says more than this one.
+                break self.finish_written(&mut writer, 0, &mut summary).await.and(Err(error));
             }
         };
         let finished = self.finish_written(&mut writer, 0, &mut summary).await;
@@ -411,32 +692,40 @@ impl Indexer {
     }
 
     /// Collects up to `max_events` messages, closing the batch `max_wait_ms` after the first,
-    /// and decodes each on receipt (only rejected messages are copied, for the dead-letter
-    /// topic). Returns an empty batch when nothing arrives within one window, and when the
-    /// first message was received.
-    async fn collect_batch(&self) -> (Vec<Received>, Option<Instant>) {
+    /// and copies each one's bytes into the batch on receipt (decoding happens on the
+    /// `batch-preparer` thread). Returns an empty batch when nothing arrives within one window,
+    /// and when the first message was received.
+    async fn collect_batch(&self) -> (RawBatch, Option<Instant>) {
         let window = Duration::from_millis(self.config.batch.max_wait_ms.max(1));
         let max_events = self.config.batch.max_events.max(1);
-        let mut received = Vec::with_capacity(max_events.min(16_384));
+        let products_topic = self.config.kafka.topics.products.as_str();
+        let topic_of = |message: &BorrowedMessage<'_>| {
+            if message.topic() == products_topic {
+                return SubscribedTopic::Products;
+            }
+            debug_assert_eq!(message.topic(), self.config.kafka.topics.query_events, "only two topics are subscribed");
+            SubscribedTopic::QueryEvents
+        };
         let mut stream = self.consumer.stream();
         // Wait up to one window for the first event...
         let first = loop {
             match tokio::time::timeout(window, stream.next()).await {
-                Err(_elapsed) => return (received, None),
+                Err(_elapsed) => return (RawBatch::default(), None),
                 Ok(Some(Ok(message))) => break message,
                 Ok(Some(Err(error))) => self.pause_after_consume_error(error).await,
-                Ok(None) => return (received, None),
+                Ok(None) => return (RawBatch::default(), None),
             }
         };
         let first_received = Instant::now();
-        received.push(self.decode(&first));
+        let mut received = RawBatch::with_capacity(max_events.min(16_384));
+        received.push(topic_of(&first), &first);
         drop(first);
         // ...then collect until the batch is full or one window after the first event. One
         // timer per batch; `next()` is cancellation safe, so the timeout loses no message.
         let collect = async {
-            while received.len() < max_events {
+            while received.messages.len() < max_events {
                 match stream.next().await {
-                    Some(Ok(message)) => received.push(self.decode(&message)),
+                    Some(Ok(message)) => received.push(topic_of(&message), &message),
                     Some(Err(error)) => self.pause_after_consume_error(error).await,
                     None => break,
                 }
@@ -451,82 +740,87 @@ impl Indexer {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    fn decode(&self, message: &BorrowedMessage<'_>) -> Received {
-        let topics = &self.config.kafka.topics;
-        let limits = &self.config.validation;
-        let decoded = if message.topic() == topics.products {
-            decode_product_event(message.key(), message.payload(), limits).map(DecodedRecord::Product)
-        } else {
-            debug_assert_eq!(message.topic(), topics.query_events, "only two topics are subscribed");
-            decode_query_event(message.payload(), limits).map(DecodedRecord::Query)
-        };
-        let position = SourcePosition { topic: message.topic().to_owned(), partition: message.partition(), offset: message.offset() };
-        let decoded = decoded.map_err(|invalid| RejectedMessage {
-            invalid,
-            key: message.key().map(<[u8]>::to_vec),
-            payload: message.payload().map(<[u8]>::to_vec),
-        });
-        Received { position, decoded }
+    fn topic_name(&self, topic: SubscribedTopic) -> &str {
+        match topic {
+            SubscribedTopic::Products => &self.config.kafka.topics.products,
+            SubscribedTopic::QueryEvents => &self.config.kafka.topics.query_events,
+        }
     }
 
-    /// Drops events of partitions no longer assigned and redeliveries, delivers the batch's
-    /// dead letters, and returns the records to write (`None` when nothing is left).
-    async fn prepare_batch(
+    /// Drops the messages of partitions no longer assigned and redeliveries (offsets below the
+    /// partition's next offset, counted as duplicates): what is left goes to the pipeline, and
+    /// only those messages can reach the dead-letter topic.
+    fn drop_revoked_and_redelivered(
         &self,
-        received: Vec<Received>,
-        expected_next: &mut FxHashMap<String, FxHashMap<i32, i64>>,
+        mut received: RawBatch,
+        expected_next: &mut FxHashMap<(SubscribedTopic, i32), i64>,
         summary: &mut RunSummary,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> anyhow::Result<Option<Vec<SourcedRecord>>> {
+    ) -> anyhow::Result<RawBatch> {
+        /// A run of consecutive messages from one partition (librdkafka hands out a fetch
+        /// response's messages together), so the lookups happen once per run, not per message.
+        struct PartitionRun {
+            topic: SubscribedTopic,
+            partition: i32,
+            assigned: bool,
+            next: Option<i64>,
+        }
         let assigned = self.consumer.context().assigned_partitions();
         let assigned: FxHashSet<(&str, i32)> = assigned.iter().map(|(topic, partition)| (topic.as_str(), *partition)).collect();
-        let mut records = Vec::with_capacity(received.len());
-        let mut dead_letters = Vec::new();
-        let mut duplicates: FxHashMap<String, u64> = FxHashMap::default();
-        for Received { position, decoded } in received {
-            if !assigned.contains(&(position.topic.as_str(), position.partition)) {
-                summary.revoked_events_dropped += 1;
-                metrics::counter!(names::REVOKED_EVENTS_DROPPED_TOTAL).increment(1);
+        let mut kept = Vec::with_capacity(received.messages.len());
+        let mut duplicates = [0_u64; 2];
+        let mut revoked = 0_u64;
+        let mut run: Option<PartitionRun> = None;
+        for message in std::mem::take(&mut received.messages) {
+            let continues_run = run.as_ref().is_some_and(|run| run.topic == message.topic && run.partition == message.partition);
+            if !continues_run {
+                if let Some(PartitionRun { topic, partition, assigned: true, next: Some(next) }) = run.take() {
+                    expected_next.insert((topic, partition), next);
+                }
+                let topic = self.topic_name(message.topic);
+                let is_assigned = assigned.contains(&(topic, message.partition));
+                let next = match expected_next.get(&(message.topic, message.partition)) {
+                    Some(next) => Some(*next),
+                    None if is_assigned => self.state.next_offset(topic, message.partition)?,
+                    None => None,
+                };
+                run = Some(PartitionRun { topic: message.topic, partition: message.partition, assigned: is_assigned, next });
+            }
+            let run = run.as_mut().expect("a run was started above");
+            if !run.assigned {
+                revoked += 1;
                 continue;
             }
-            let expected = expected_next.get(position.topic.as_str()).and_then(|partitions| partitions.get(&position.partition));
-            let next = match expected {
-                Some(next) => Some(*next),
-                None => self.state.next_offset(&position.topic, position.partition)?,
-            };
-            if next.is_some_and(|next| position.offset < next) {
+            if run.next.is_some_and(|next| message.offset < next) {
                 // Redelivered after a crash or rebalance: already applied (or in flight), and
                 // already dead-lettered if it was invalid.
-                *duplicates.entry(position.topic).or_insert(0) += 1;
+                duplicates[message.topic as usize] += 1;
                 continue;
             }
-            match expected_next.get_mut(position.topic.as_str()) {
-                Some(partitions) => {
-                    partitions.insert(position.partition, position.offset + 1);
-                }
-                None => {
-                    expected_next.insert(position.topic.clone(), FxHashMap::from_iter([(position.partition, position.offset + 1)]));
-                }
-            }
-            match decoded {
-                Ok(record) => records.push(SourcedRecord { position, record }),
-                Err(rejected) => {
-                    records.push(SourcedRecord { position: position.clone(), record: DecodedRecord::DeadLetter(rejected.invalid.reason) });
-                    dead_letters.push((position, rejected));
-                }
-            }
+            run.next = Some(message.offset + 1);
+            kept.push(message);
         }
-        for (topic, count) in duplicates {
+        if let Some(PartitionRun { topic, partition, assigned: true, next: Some(next) }) = run {
+            expected_next.insert((topic, partition), next);
+        }
+        received.messages = kept;
+        if revoked > 0 {
+            summary.revoked_events_dropped += revoked;
+            metrics::counter!(names::REVOKED_EVENTS_DROPPED_TOTAL).increment(revoked);
+        }
+        for (topic, count) in [(SubscribedTopic::Products, duplicates[0]), (SubscribedTopic::QueryEvents, duplicates[1])] {
+            if count == 0 {
+                continue;
+            }
+            let topic = self.topic_name(topic).to_owned();
             metrics::counter!(names::EVENTS_TOTAL, "topic" => topic, "outcome" => ApplyOutcome::Duplicate.as_str()).increment(count);
             *summary.outcomes.entry(ApplyOutcome::Duplicate.as_str()).or_insert(0) += count;
         }
-        self.deliver_dead_letters(&dead_letters, shutdown).await?;
-        Ok((!records.is_empty()).then_some(records))
+        Ok(received)
     }
 
     /// Records every batch the writer has finished, then waits for more until at most
     /// `keep_in_flight` batches remain with it.
-    async fn finish_written(&self, writer: &mut StateWriter, keep_in_flight: usize, summary: &mut RunSummary) -> anyhow::Result<()> {
+    async fn finish_written(&self, writer: &mut BatchPipeline, keep_in_flight: usize, summary: &mut RunSummary) -> anyhow::Result<()> {
         loop {
             let wait = writer.in_flight > keep_in_flight;
             let Some(applied) = writer.take_applied(wait).await? else {
@@ -538,96 +832,28 @@ impl Indexer {
 
     /// Records a written batch's metrics and commits its offsets to Kafka (informational).
     fn finish(&self, applied: AppliedBatch, summary: &mut RunSummary) -> anyhow::Result<()> {
-        let (records, report, write_duration, completed) = applied;
+        let AppliedBatch { tally, report, write_duration, completed } = applied;
         let report = report?;
-        let mut outcome_counts: HashMap<(&str, ApplyOutcome), u64> = HashMap::new();
-        let mut dead_letter_counts: HashMap<(&str, DeadLetterReason), u64> = HashMap::new();
-        for (record, outcome) in records.iter().zip(&report.outcomes) {
-            *outcome_counts.entry((record.position.topic.as_str(), *outcome)).or_insert(0) += 1;
-            if let (ApplyOutcome::DeadLettered, DecodedRecord::DeadLetter(reason)) = (outcome, &record.record) {
-                *dead_letter_counts.entry((record.position.topic.as_str(), *reason)).or_insert(0) += 1;
-            }
-        }
-        for ((topic, outcome), count) in outcome_counts {
-            metrics::counter!(names::EVENTS_TOTAL, "topic" => topic.to_owned(), "outcome" => outcome.as_str()).increment(count);
+        for (topic, outcome, count) in tally.outcomes {
+            metrics::counter!(names::EVENTS_TOTAL, "topic" => topic, "outcome" => outcome.as_str()).increment(count);
             *summary.outcomes.entry(outcome.as_str()).or_insert(0) += count;
         }
-        for ((topic, reason), count) in dead_letter_counts {
-            metrics::counter!(names::DEAD_LETTERS_TOTAL, "topic" => topic.to_owned(), "reason" => reason.as_str()).increment(count);
+        for (topic, reason, count) in tally.dead_letters {
+            metrics::counter!(names::DEAD_LETTERS_TOTAL, "topic" => topic, "reason" => reason.as_str()).increment(count);
         }
         summary.batches += 1;
         if let Some(first) = summary.first_event_received {
             summary.active_seconds = completed.saturating_duration_since(first).as_secs_f64();
         }
         metrics::counter!(names::ROCKSDB_WRITE_BYTES_TOTAL).increment(report.write_bytes as u64);
-        metrics::histogram!(names::BATCH_EVENTS).record(records.len() as f64);
+        metrics::histogram!(names::BATCH_EVENTS).record(tally.records as f64);
         metrics::histogram!(names::BATCH_APPLY_DURATION_SECONDS).record(write_duration.as_secs_f64());
         let counts = self.state.counts()?;
         metrics::gauge!(names::STATE_PRODUCTS).set(counts.products as f64);
         metrics::gauge!(names::STATE_JUDGEMENT_PAIRS).set(counts.judgement_pairs as f64);
-        tracing::debug!(events = records.len(), write_bytes = report.write_bytes, "batch applied");
+        tracing::debug!(events = tally.records, write_bytes = report.write_bytes, "batch applied");
         self.commit_to_kafka(&report.next_offsets);
         Ok(())
-    }
-
-    /// Sends every dead letter and waits for all acknowledgements; retries failed ones with
-    /// back-off until they are delivered or shutdown is requested (then the batch is not applied
-    /// and will be consumed again).
-    async fn deliver_dead_letters(
-        &self,
-        dead_letters: &[(SourcePosition, RejectedMessage)],
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> anyhow::Result<()> {
-        let mut pending: Vec<usize> = (0..dead_letters.len()).collect();
-        let mut backoff = Duration::from_millis(100);
-        while !pending.is_empty() {
-            let sends = pending.iter().map(|&index| {
-                let (position, rejected) = &dead_letters[index];
-                self.send_dead_letter(position, rejected)
-            });
-            let results = futures::future::join_all(sends).await;
-            let mut still_pending = Vec::new();
-            for (&index, result) in pending.iter().zip(results) {
-                if let Err(error) = result {
-                    metrics::counter!(names::DEAD_LETTER_DELIVERY_FAILURES_TOTAL).increment(1);
-                    tracing::warn!(%error, "dead letter delivery failed; retrying");
-                    still_pending.push(index);
-                }
-            }
-            pending = still_pending;
-            if pending.is_empty() {
-                break;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = shutdown.changed() => anyhow::bail!("shutdown while dead letters were undelivered; the batch will be consumed again"),
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(10));
-        }
-        Ok(())
-    }
-
-    async fn send_dead_letter(&self, position: &SourcePosition, rejected: &RejectedMessage) -> Result<(), KafkaError> {
-        let partition = position.partition.to_string();
-        let offset = position.offset.to_string();
-        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis()).unwrap_or(0).to_string();
-        let headers = OwnedHeaders::new()
-            .insert(Header { key: "reason", value: Some(rejected.invalid.reason.as_str()) })
-            .insert(Header { key: "detail", value: Some(rejected.invalid.detail.as_str()) })
-            .insert(Header { key: "source_topic", value: Some(position.topic.as_str()) })
-            .insert(Header { key: "source_partition", value: Some(partition.as_str()) })
-            .insert(Header { key: "source_offset", value: Some(offset.as_str()) })
-            .insert(Header { key: "dead_lettered_at_ms", value: Some(now_ms.as_str()) })
-            .insert(Header { key: "indexer_group_id", value: Some(self.config.kafka.group_id.as_str()) });
-        let mut record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&self.config.kafka.topics.dead_letters).headers(headers);
-        if let Some(key) = &rejected.key {
-            record = record.key(key.as_slice());
-        }
-        if let Some(payload) = &rejected.payload {
-            record = record.payload(payload.as_slice());
-        }
-        self.dead_letter_producer.send(record, Duration::from_secs(30)).await.map(|_| ()).map_err(|(error, _)| error)
     }
 
     fn commit_to_kafka(&self, next_offsets: &BTreeMap<TopicPartition, i64>) {

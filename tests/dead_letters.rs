@@ -4,9 +4,13 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use common::*;
 use merge_indexer::events::DeadLetterReason;
+use merge_indexer::source::{Indexer, RunOptions};
+use tokio::sync::watch;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_events_are_dead_lettered_and_the_stream_keeps_flowing() {
@@ -84,4 +88,63 @@ async fn malformed_events_are_dead_lettered_and_the_stream_keeps_flowing() {
     let again = run_until_caught_up(&config, state.clone(), &bootstrap).await;
     assert_eq!(again.outcomes.get("dead_lettered"), None);
     assert_eq!(read_dead_letters(&config, &bootstrap, malformed.len()).len(), malformed.len());
+}
+
+/// A batch is written only after Kafka has acknowledged its dead letters. While the broker
+/// rejects every write to the dead-letter topic, the indexer keeps retrying, writes nothing of
+/// the batch (not even the valid event before the bad one) and, asked to stop, says why; once
+/// the broker accepts writes again, the dead letter lands exactly once and the whole batch is
+/// applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_waits_for_its_dead_letters_and_retries_failed_deliveries() {
+    let directory = tempfile::tempdir().unwrap();
+    let mut config = test_config(directory.path(), "dead-letter-retries");
+    config.kafka.embedded_partitions = 1;
+    let broker = start_broker(&config);
+    let bootstrap = broker.bootstrap_servers().to_owned();
+    let products = config.kafka.topics.products.clone();
+    let messages = vec![
+        message(&products, Some("OK1"), r#"{"schema_version":1,"product_id":"OK1","title":"before"}"#),
+        message(&products, Some("BAD"), "{not json"),
+        message(&products, Some("OK2"), r#"{"schema_version":1,"product_id":"OK2","title":"after"}"#),
+    ];
+    produce(&config, &bootstrap, &messages).await;
+    // From here on the broker refuses the next 6 produce requests. The indexer's back-off starts
+    // at 100 ms and doubles, so 2 s of retries use 5 of them and the last one is refused after
+    // the restart.
+    let refusal = rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED;
+    broker.fail_next_produce_requests(&[refusal; 6]).unwrap();
+
+    let state = open_state(&config);
+    let indexer = Arc::new(Indexer::connect(Arc::new(config.clone()), state.clone(), &bootstrap).unwrap());
+    let (stop, shutdown) = watch::channel(false);
+    let watched = Arc::clone(&indexer);
+    let stopper = tokio::spawn(async move {
+        while watched.assigned_partitions().is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let _ = stop.send(true);
+    });
+    let stopped = tokio::time::timeout(Duration::from_secs(60), indexer.run(shutdown, RunOptions::default()))
+        .await
+        .expect("the indexer stops when asked, even while retrying");
+    stopper.await.unwrap();
+    let error = stopped.expect_err("a run that could not deliver its dead letters ends with an error").to_string();
+    assert!(error.contains("dead letters were undelivered"), "unexpected error: {error}");
+    assert_eq!(state.counts().unwrap().products, 0, "nothing of the batch was written");
+    assert_eq!(state.next_offset(&products, 0).unwrap(), None, "no offset was stored");
+    assert!(read_dead_letters(&config, &bootstrap, 0).is_empty(), "every delivery so far was refused");
+    drop(indexer);
+
+    // The broker accepts writes again once the remaining refusals are used up.
+    let summary = run_until_caught_up(&config, state.clone(), &bootstrap).await;
+    assert_eq!(summary.outcomes.get("dead_lettered").copied(), Some(1));
+    assert_eq!(summary.outcomes.get("applied").copied(), Some(2));
+    assert_eq!(state.counts().unwrap().products, 2);
+    assert_eq!(state.next_offset(&products, 0).unwrap(), Some(3));
+    let letters = read_dead_letters(&config, &bootstrap, 1);
+    assert_eq!(letters.len(), 1, "delivered once, no duplicate from the refused attempts");
+    assert_eq!(letters[0].headers["reason"], "invalid_json");
+    assert_eq!(letters[0].payload.as_deref(), Some(b"{not json".as_slice()));
 }
