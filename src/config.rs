@@ -174,8 +174,8 @@ pub struct BatchConfig {
     pub max_events: usize,
     /// Longest a batch stays open after its first event, in milliseconds.
     pub max_wait_ms: u64,
-    /// Most prepared batches handed to the state writer and not yet written: the consumer keeps
-    /// reading and preparing while up to this many batches wait for, or are in, the write.
+    /// Most batches handed from the consumer task to the pipeline (decode and prepare, then
+    /// write) and not yet written: the consumer keeps reading while up to this many are in it.
     pub max_in_flight: usize,
 }
 
