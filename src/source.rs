@@ -202,6 +202,16 @@ enum SubscribedTopic {
     QueryEvents,
 }
 
+impl SubscribedTopic {
+    /// The topic's configured name.
+    fn name(self, topics: &crate::config::TopicNames) -> &str {
+        match self {
+            Self::Products => &topics.products,
+            Self::QueryEvents => &topics.query_events,
+        }
+    }
+}
+
 /// One consumed message: its position, and where its key and payload lie in
 /// [`RawBatch::bytes`].
 #[derive(Debug)]
@@ -251,16 +261,14 @@ impl RawBatch {
 /// Turns [`RawBatch`]es into records on the `batch-preparer` thread.
 #[derive(Debug, Clone)]
 struct BatchDecoder {
-    products_topic: String,
-    query_events_topic: String,
+    topics: crate::config::TopicNames,
     limits: crate::events::ValidationLimits,
 }
 
 impl BatchDecoder {
     fn new(config: &Config) -> Self {
         Self {
-            products_topic: config.kafka.topics.products.clone(),
-            query_events_topic: config.kafka.topics.query_events.clone(),
+            topics: config.kafka.topics.clone(),
             limits: config.validation.clone(),
         }
     }
@@ -274,15 +282,12 @@ impl BatchDecoder {
         for message in &raw.messages {
             let key = raw.bytes_of(&message.key);
             let payload = raw.bytes_of(&message.payload);
-            let (topic, decoded) = match message.topic {
-                SubscribedTopic::Products => {
-                    (&self.products_topic, decode_product_event(key, payload, &self.limits).map(DecodedRecord::Product))
-                }
-                SubscribedTopic::QueryEvents => {
-                    (&self.query_events_topic, decode_query_event(payload, &self.limits).map(DecodedRecord::Query))
-                }
+            let decoded = match message.topic {
+                SubscribedTopic::Products => decode_product_event(key, payload, &self.limits).map(DecodedRecord::Product),
+                SubscribedTopic::QueryEvents => decode_query_event(payload, &self.limits).map(DecodedRecord::Query),
             };
-            let position = SourcePosition { topic: topic.clone(), partition: message.partition, offset: message.offset };
+            let topic = message.topic.name(&self.topics).to_owned();
+            let position = SourcePosition { topic, partition: message.partition, offset: message.offset };
             match decoded {
                 Ok(record) => records.push(SourcedRecord { position, record }),
                 Err(invalid) => {
@@ -741,10 +746,7 @@ impl Indexer {
     }
 
     fn topic_name(&self, topic: SubscribedTopic) -> &str {
-        match topic {
-            SubscribedTopic::Products => &self.config.kafka.topics.products,
-            SubscribedTopic::QueryEvents => &self.config.kafka.topics.query_events,
-        }
+        topic.name(&self.config.kafka.topics)
     }
 
     /// Drops the messages of partitions no longer assigned and redeliveries (offsets below the
