@@ -24,7 +24,10 @@ use crate::synth::{SyntheticCatalog, SyntheticCatalogSpec};
 #[derive(Debug, Args, Clone)]
 pub struct IngestBenchArgs {
     /// Events to produce and consume (synthetic catalog: ~1 product event per 6 query events).
-    #[arg(long, default_value_t = 100_000)]
+    /// The default is large enough for the state write to reach its steady cost: the writer's
+    /// CPU per event about doubles between 100,000 and 1,000,000 events, as RocksDB's memtables
+    /// fill (README "Benchmark").
+    #[arg(long, default_value_t = 1_000_000)]
     pub events: usize,
     /// Measurement rounds; each runs the bare loop and the indexer once, on fresh consumer groups.
     #[arg(long, default_value_t = 3)]
@@ -32,10 +35,11 @@ pub struct IngestBenchArgs {
     /// fsync the RocksDB WAL on every batch (default: not; see README "Durability").
     #[arg(long)]
     pub sync_writes: bool,
-    /// Partitions per topic on the embedded broker. librdkafka's mock broker keeps at most
-    /// 5 MiB or 100,000 messages per partition, so large runs need enough partitions.
-    #[arg(long, default_value_t = 8)]
-    pub partitions: i32,
+    /// Partitions per topic on the embedded broker (default: one per 25,000 events, at least 8).
+    /// librdkafka's mock broker keeps at most 5 MiB or 100,000 messages per partition and drops
+    /// the oldest beyond that, so large runs need enough partitions.
+    #[arg(long)]
+    pub partitions: Option<i32>,
     /// Where the benchmark's state directories go (default: a temporary directory).
     #[arg(long)]
     pub work_dir: Option<std::path::PathBuf>,
@@ -56,23 +60,27 @@ pub struct IngestRound {
     pub bare_consume_cpu_microseconds_per_event: f64,
     /// The same for the indexer.
     pub ingest_cpu_microseconds_per_event: f64,
+    /// CPU time of the indexer's `batch-preparer` thread per event, in nanoseconds.
+    pub prepare_thread_cpu_nanoseconds_per_event: f64,
+    /// CPU time of the indexer's `state-writer` thread per event, in nanoseconds: the pipeline's
+    /// serial stage, and the steadiest figure of what a change to the state write costs.
+    pub write_thread_cpu_nanoseconds_per_event: f64,
 }
 
-/// CPU time used so far by all threads of this process.
-fn process_cpu_time() -> Duration {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `now` is a valid, writable timespec and CLOCK_PROCESS_CPUTIME_ID is supported on
-    // every Linux; a failure leaves it zeroed, which only spoils the CPU figure.
-    let status = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut now) };
-    debug_assert_eq!(status, 0, "clock_gettime(CLOCK_PROCESS_CPUTIME_ID)");
-    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+/// Partitions per topic that keep `events` within the mock broker's per-partition retention
+/// (5 MiB: ~35,000 query events of the synthetic catalog), with room to spare.
+fn default_partitions(events: usize) -> i32 {
+    events.div_ceil(EVENTS_PER_PARTITION).max(8).min(i32::MAX as usize) as i32
 }
+
+/// Events per partition [`default_partitions`] aims for.
+const EVENTS_PER_PARTITION: usize = 25_000;
 
 /// Runs `measure` and returns its result with the process CPU time it took per event, in µs.
 async fn with_cpu_per_event<T>(events: usize, measure: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<(T, f64)> {
-    let before = process_cpu_time();
+    let before = crate::metrics::process_cpu_time();
     let result = measure.await?;
-    let cpu = process_cpu_time().saturating_sub(before);
+    let cpu = crate::metrics::process_cpu_time().saturating_sub(before);
     Ok((result, cpu.as_secs_f64() * 1e6 / events.max(1) as f64))
 }
 
@@ -80,7 +88,7 @@ async fn with_cpu_per_event<T>(events: usize, measure: impl std::future::Future<
 pub async fn ingest_benchmark(mut config: Config, arguments: &IngestBenchArgs) -> anyhow::Result<()> {
     crate::metrics::install_recorder_without_listener()?;
     config.state.sync_writes = arguments.sync_writes;
-    config.kafka.embedded_partitions = arguments.partitions;
+    config.kafka.embedded_partitions = arguments.partitions.unwrap_or_else(|| default_partitions(arguments.events));
     let broker = EmbeddedBroker::start_for(&config)?;
     let bootstrap = broker.bootstrap_servers().to_owned();
     let topics = config.kafka.topics.clone();
@@ -107,25 +115,37 @@ pub async fn ingest_benchmark(mut config: Config, arguments: &IngestBenchArgs) -
         let mut indexer_config = config.clone();
         indexer_config.kafka.group_id = format!("bench-indexer-{round}");
         indexer_config.state_dir = work_dir.path().join(format!("state-{round}"));
-        let (ingest_rate, ingest_cpu) = with_cpu_per_event(events, indexer_rate(indexer_config, &bootstrap, events)).await?;
+        let (ingest, ingest_cpu) = with_cpu_per_event(events, indexer_run(indexer_config, &bootstrap, events)).await?;
+        let ingest_rate = ingest.records() as f64 / ingest.active_seconds.max(1e-9);
+        let per_event_nanoseconds = |seconds: f64| seconds * 1e9 / events.max(1) as f64;
         let result = IngestRound {
             bare_consume_events_per_second: bare_rate,
             ingest_events_per_second: ingest_rate,
             ratio: ingest_rate / bare_rate,
             bare_consume_cpu_microseconds_per_event: bare_cpu,
             ingest_cpu_microseconds_per_event: ingest_cpu,
+            prepare_thread_cpu_nanoseconds_per_event: per_event_nanoseconds(ingest.prepare_cpu_seconds),
+            write_thread_cpu_nanoseconds_per_event: per_event_nanoseconds(ingest.write_cpu_seconds),
         };
         println!(
-            "round {round}: bare consume {:>10.0} events/s | ingest {:>10.0} events/s | ratio {:.2} | CPU per event: bare {:.2} µs, ingest {:.2} µs",
-            result.bare_consume_events_per_second, result.ingest_events_per_second, result.ratio, bare_cpu, ingest_cpu
+            "round {round}: bare consume {:>10.0} events/s | ingest {:>10.0} events/s | ratio {:.2} | CPU per event: bare {:.2} µs, ingest {:.2} µs (preparer {:.0} ns, writer {:.0} ns)",
+            result.bare_consume_events_per_second,
+            result.ingest_events_per_second,
+            result.ratio,
+            bare_cpu,
+            ingest_cpu,
+            result.prepare_thread_cpu_nanoseconds_per_event,
+            result.write_thread_cpu_nanoseconds_per_event,
         );
         rounds.push(result);
     }
     let best_bare = rounds.iter().map(|round| round.bare_consume_events_per_second).fold(0.0, f64::max);
     let best_ingest = rounds.iter().map(|round| round.ingest_events_per_second).fold(0.0, f64::max);
+    let median_ratio = median(rounds.iter().map(|round| round.ratio).collect());
     println!(
-        "best: bare consume {best_bare:.0} events/s, ingest {best_ingest:.0} events/s, ratio {:.2} (target >= 0.50), sync_writes={}",
+        "best: bare consume {best_bare:.0} events/s, ingest {best_ingest:.0} events/s, ratio {:.2}; median ratio of rounds {median_ratio:.2} (target >= 0.50); {events} events, {} partitions, sync_writes={}",
         best_ingest / best_bare,
+        config.kafka.embedded_partitions,
         arguments.sync_writes
     );
     println!(
@@ -133,10 +153,24 @@ pub async fn ingest_benchmark(mut config: Config, arguments: &IngestBenchArgs) -
         serde_json::json!({
             "events": events, "sync_writes": arguments.sync_writes, "batch_max_events": config.batch.max_events,
             "rounds": rounds, "best_bare_events_per_second": best_bare, "best_ingest_events_per_second": best_ingest,
-            "best_ratio": best_ingest / best_bare,
+            "best_ratio": best_ingest / best_bare, "median_ratio": median_ratio,
+            "partitions": config.kafka.embedded_partitions,
         })
     );
     Ok(())
+}
+
+/// The middle value (the mean of the two middle ones for an even count); 0 when empty.
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    if values.len() % 2 == 1 {
+        return values[middle];
+    }
+    (values[middle - 1] + values[middle]) / 2.0
 }
 
 /// A consumer-group member with the indexer's consumer settings that only counts messages.
@@ -160,7 +194,9 @@ async fn bare_consume_rate(config: &Config, bootstrap: &str, group_id: &str, eve
     Ok(received as f64 / seconds.max(1e-9))
 }
 
-async fn indexer_rate(config: Config, bootstrap: &str, events: usize) -> anyhow::Result<f64> {
+/// Runs the indexer until it has caught up with the `events` produced; its summary holds the
+/// active time (the rate's denominator) and the pipeline threads' CPU time.
+async fn indexer_run(config: Config, bootstrap: &str, events: usize) -> anyhow::Result<crate::source::RunSummary> {
     let state = Arc::new(StateStore::open(&config.state_dir, &config.state)?);
     let indexer = Indexer::connect(Arc::new(config), state, bootstrap)?;
     let (_keep_open, shutdown) = watch::channel(false);
@@ -170,7 +206,7 @@ async fn indexer_rate(config: Config, bootstrap: &str, events: usize) -> anyhow:
         "indexer consumed {} records, expected {events}",
         summary.records()
     );
-    Ok(summary.records() as f64 / summary.active_seconds.max(1e-9))
+    Ok(summary)
 }
 
 /// `bench stages` flags.
@@ -467,4 +503,26 @@ pub fn docid_step_benchmark(arguments: &DocidStepBenchArgs) -> anyhow::Result<()
     }
     println!("{}", serde_json::json!({ "burn_ms_per_step": median_ms, "torch_ms_per_step": torch_ms, "anchors": arguments.anchors, "dim": arguments.dim, "backend": crate::BACKEND_NAME }));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_partitions_keep_each_partition_within_the_mock_brokers_retention() {
+        assert_eq!(default_partitions(100_000), 8, "small runs keep the embedded default");
+        assert_eq!(default_partitions(1_000_000), 40);
+        for events in [1, 199_999, 200_001, 1_000_001, 3_000_000] {
+            let partitions = default_partitions(events) as usize;
+            assert!(events.div_ceil(partitions) <= EVENTS_PER_PARTITION, "{events} events over {partitions} partitions");
+        }
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![0.9, 0.1, 0.5]), 0.5);
+        assert!((median(vec![0.4, 0.1, 0.6, 0.2]) - 0.3).abs() < 1e-12);
+        assert_eq!(median(Vec::new()), 0.0);
+    }
 }

@@ -176,6 +176,11 @@ pub struct RunSummary {
     /// Time from the first event received to the end of the last applied batch (excludes the
     /// group join and the idle wait before the first event): the denominator of throughput.
     pub active_seconds: f64,
+    /// CPU time of the `batch-preparer` thread over the run (decode, validate, dead letters,
+    /// encode and sort).
+    pub prepare_cpu_seconds: f64,
+    /// CPU time of the `state-writer` thread over the run (RocksDB reads, fold and write).
+    pub write_cpu_seconds: f64,
     #[serde(skip)]
     first_event_received: Option<Instant>,
 }
@@ -441,7 +446,14 @@ struct AppliedBatch {
     write_duration: Duration,
     /// When the write completed.
     completed: Instant,
+    /// CPU time the `batch-preparer` thread spent on the batch (decode, dead letters, prepare).
+    prepare_cpu: Duration,
+    /// CPU time the `state-writer` thread spent on the batch (apply and tally).
+    write_cpu: Duration,
 }
+
+/// A batch on its way from the preparer to the writer, with the preparer's CPU time for it.
+type PreparedHandoff = (anyhow::Result<PreparedBatch>, Duration);
 
 /// The batch pipeline behind the consumer task: two threads, strictly in submission order.
 /// `batch-preparer` decodes and validates each [`RawBatch`], delivers its dead letters (a batch
@@ -468,7 +480,7 @@ impl BatchPipeline {
         shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<Self> {
         let (batches, pending) = std::sync::mpsc::channel::<RawBatch>();
-        let (prepared_sender, prepared) = std::sync::mpsc::channel::<anyhow::Result<PreparedBatch>>();
+        let (prepared_sender, prepared) = std::sync::mpsc::channel::<PreparedHandoff>();
         let (applied_sender, applied) = tokio::sync::mpsc::unbounded_channel();
         // Written batches go back to the preparer to be freed: their records were allocated
         // there, so freeing them there is the allocator's fast path, and the writer (the
@@ -480,6 +492,7 @@ impl BatchPipeline {
             .name("batch-preparer".into())
             .spawn(move || {
                 for raw in pending {
+                    let cpu_before = crate::metrics::thread_cpu_time();
                     spent.try_iter().for_each(drop);
                     let (records, rejected) = decoder.decode(&raw);
                     drop(raw);
@@ -487,7 +500,8 @@ impl BatchPipeline {
                     // A batch whose dead letters could not be delivered stops the pipeline: a
                     // later batch's offsets would otherwise cover its events.
                     let failed = prepared.is_err();
-                    if prepared_sender.send(prepared).is_err() || failed {
+                    let prepare_cpu = crate::metrics::thread_cpu_time().saturating_sub(cpu_before);
+                    if prepared_sender.send((prepared, prepare_cpu)).is_err() || failed {
                         return;
                     }
                 }
@@ -496,8 +510,8 @@ impl BatchPipeline {
         let writer = std::thread::Builder::new()
             .name("state-writer".into())
             .spawn(move || {
-                for prepared in prepared {
-                    let started = Instant::now();
+                for (prepared, prepare_cpu) in prepared {
+                    let (started, cpu_before) = (Instant::now(), crate::metrics::thread_cpu_time());
                     let report = prepared.and_then(|batch| Ok((state.apply_prepared(&batch, &mapping)?, batch)));
                     let (write_duration, completed) = (started.elapsed(), Instant::now());
                     // After a failed batch no later batch may land: its offsets would cover the
@@ -512,7 +526,8 @@ impl BatchPipeline {
                         }
                         Err(error) => (OutcomeTally::default(), Err(error)),
                     };
-                    let applied = AppliedBatch { tally, report, write_duration, completed };
+                    let write_cpu = crate::metrics::thread_cpu_time().saturating_sub(cpu_before);
+                    let applied = AppliedBatch { tally, report, write_duration, completed, prepare_cpu, write_cpu };
                     if applied_sender.send(applied).is_err() || failed {
                         return;
                     }
@@ -834,7 +849,11 @@ impl Indexer {
 
     /// Records a written batch's metrics and commits its offsets to Kafka (informational).
     fn finish(&self, applied: AppliedBatch, summary: &mut RunSummary) -> anyhow::Result<()> {
-        let AppliedBatch { tally, report, write_duration, completed } = applied;
+        let AppliedBatch { tally, report, write_duration, completed, prepare_cpu, write_cpu } = applied;
+        metrics::histogram!(names::BATCH_CPU_SECONDS, "stage" => "prepare").record(prepare_cpu.as_secs_f64());
+        metrics::histogram!(names::BATCH_CPU_SECONDS, "stage" => "write").record(write_cpu.as_secs_f64());
+        summary.prepare_cpu_seconds += prepare_cpu.as_secs_f64();
+        summary.write_cpu_seconds += write_cpu.as_secs_f64();
         let report = report?;
         for (topic, outcome, count) in tally.outcomes {
             metrics::counter!(names::EVENTS_TOTAL, "topic" => topic, "outcome" => outcome.as_str()).increment(count);

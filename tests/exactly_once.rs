@@ -85,6 +85,10 @@ async fn abrupt_stops_between_and_inside_batches_apply_each_event_once() {
         let state = open_state(&config);
         let summary = run_indexer(&config, state, &bootstrap, RunOptions { stop_when_caught_up: false, max_batches: Some(max_batches) }, Duration::from_secs(60)).await;
         assert_eq!(summary.batches, max_batches);
+        // Each stage's thread reports the CPU time its batches took (bench ingest and the
+        // merge_indexer_batch_cpu_seconds histogram rest on these).
+        assert!(summary.prepare_cpu_seconds > 0.0, "preparer CPU time recorded: {summary:?}");
+        assert!(summary.write_cpu_seconds > 0.0, "writer CPU time recorded: {summary:?}");
     }
     // Stops inside an open batch: a monitor fires shutdown once progress passes a threshold,
     // while the next batch is being collected from a topic that still has events.
