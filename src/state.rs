@@ -902,10 +902,15 @@ impl StateStore {
 
     /// Stores computed vectors and removes their queue entries, in one write. An entry whose
     /// queued hash changed meanwhile (a newer upsert) stays queued; its vector is still cached
-    /// under the hash it was computed for.
+    /// under the hash it was computed for. Each dequeued product without a DocID joins the DocID
+    /// queue in the same write: its vector now exists, so the DocID worker can place it.
     pub fn store_embeddings(&self, cache_id: &str, computed: &[(QueuedProduct, Vec<f32>)], cache_hits: &[QueuedProduct]) -> Result<usize, StateError> {
         let embeddings = self.column_family(EMBEDDINGS_CF);
         let queue = self.column_family(EMBEDDING_QUEUE_CF);
+        let (forward, docid_queue) = (self.column_family(DOCIDS_CF), self.column_family(DOCID_QUEUE_CF));
+        // Lock order: DocIDs, then the embedding queue (as in batch apply). The DocID lock keeps
+        // a delete or an assignment from landing between the DocID check and this write.
+        let _docids_exclusive = self.docid_write_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let _exclusive = self.queue_write_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut batch = WriteBatch::default();
         for (queued, vector) in computed {
@@ -917,6 +922,10 @@ impl StateStore {
             if current.as_deref() == Some(queued.content_hash.as_slice()) {
                 batch.delete_cf(queue, queued.product_id.as_bytes());
                 dequeued += 1;
+                // The entry was current, so the product is stored (a delete removes the entry).
+                if self.database.get_pinned_cf(forward, queued.product_id.as_bytes()).map_err(|error| self.rocks_error(error))?.is_none() {
+                    batch.put_cf(docid_queue, queued.product_id.as_bytes(), []);
+                }
             }
         }
         self.database.write(batch).map_err(|error| self.rocks_error(error))?;
@@ -1380,10 +1389,14 @@ impl StateStore {
                 Some(None) => batch.delete_cf(queue, product_id.as_bytes()),
                 None => {}
             }
-            match change.docid_queued {
-                Some(true) => batch.put_cf(docid_queue, product_id.as_bytes(), []),
-                Some(false) => batch.delete_cf(docid_queue, product_id.as_bytes()),
-                None => {}
+            match (change.docid_queued, change.embedding_queued) {
+                // A new product is queued for a DocID once its vector exists: here when the
+                // event carried it, else when an embedding worker stores it
+                // (`StateStore::store_embeddings`). One skiplist insert less per new product on
+                // the ingest path, the writer's costliest part (README "Benchmark").
+                (Some(true), Some(None)) => batch.put_cf(docid_queue, product_id.as_bytes(), []),
+                (Some(true), _) | (None, _) => {}
+                (Some(false), _) => batch.delete_cf(docid_queue, product_id.as_bytes()),
             }
         }
         let embeddings = self.column_family(EMBEDDINGS_CF);
@@ -1525,7 +1538,8 @@ struct ProductChange<'batch> {
     value: Option<Option<&'batch [u8]>>,
     /// Embedding queue: `Some(Some(hash))` queue, `Some(None)` dequeue.
     embedding_queued: Option<Option<ContentHash>>,
-    /// DocID queue: `Some(true)` queue (new to state), `Some(false)` dequeue (deleted).
+    /// DocID queue: `Some(true)` new to state (queued now if its vector came with the event, else
+    /// when the vector is stored), `Some(false)` dequeue (deleted).
     docid_queued: Option<bool>,
 }
 
@@ -1603,6 +1617,27 @@ mod tests {
         assert!(decode_product_value(&value[..10]).is_err());
     }
 
+    #[test]
+    fn a_new_product_joins_the_docid_queue_when_its_vector_is_stored() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = StateStore::open(directory.path(), &StateOptions::default()).unwrap();
+        let mapping = RelevanceMapping::default();
+        store.apply_batch(&[upsert("P1", "one", 0), upsert("P2", "two", 1), upsert("P3", "three", 2)], &mapping).unwrap();
+        assert!(store.docid_queue_page(None, 10).unwrap().is_empty(), "no vector yet, nothing for the DocID worker");
+        // P2 already holds a DocID (a retrain's map); P3 is deleted while its vector is computed.
+        store.replace_docids(&[("P2".to_owned(), crate::docid::DocId(vec![1, 2, 3, 4]))]).unwrap();
+        let queued = store.embedding_queue_page(None, 10, |_| true).unwrap();
+        assert_eq!(queued.len(), 3);
+        store.apply_batch(&[delete("P3", 3)], &mapping).unwrap();
+        let computed: Vec<(QueuedProduct, Vec<f32>)> = queued.into_iter().map(|queued| (queued, vec![0.5; 4])).collect();
+        assert_eq!(store.store_embeddings("test-encoder", &computed, &[]).unwrap(), 2, "P3's entry went with the product");
+        assert_eq!(store.docid_queue_page(None, 10).unwrap(), ["P1"], "only the stored product without a DocID is queued");
+        assert!(store.embedding_queue_page(None, 10, |_| true).unwrap().is_empty());
+        // A delete dequeues it again, in the batch that deletes it.
+        store.apply_batch(&[delete("P1", 4)], &mapping).unwrap();
+        assert!(store.docid_queue_page(None, 10).unwrap().is_empty());
+    }
+
     fn delete(product_id: &str, offset: i64) -> SourcedRecord {
         SourcedRecord {
             position: position("products", offset),
@@ -1668,7 +1703,7 @@ mod tests {
         assert_eq!(outcomes, [Applied, Applied, Applied, Applied, Applied, Applied, Unchanged, Applied, Applied, Unchanged, Applied, DeadLettered, Applied, Applied]);
         assert_eq!(snapshot(&batched), snapshot(&one_by_one));
         let (products, judgements, counts, embedding_queue, docid_queue) = snapshot(&batched);
-        assert_eq!(docid_queue, ["P1", "P2", "P3"], "new products queue for a DocID; the deleted P4 leaves the queue");
+        assert!(docid_queue.is_empty(), "new products queue for a DocID only once their vector is stored: {docid_queue:?}");
         let queued_hashes: Vec<(&str, String)> = embedding_queue.iter().map(|queued| (queued.product_id.as_str(), hex::encode(queued.content_hash))).collect();
         assert_eq!(queued_hashes, [("P1", products[0].1.content_hash.clone()), ("P2", products[1].1.content_hash.clone()), ("P3", products[2].1.content_hash.clone())]);
         assert_eq!(products.iter().map(|(id, product)| (id.as_str(), product.content.title.as_str())).collect::<Vec<_>>(), [("P1", "one again"), ("P2", "two"), ("P3", "three, edited")]);

@@ -126,7 +126,7 @@ fn new_products_get_docids_from_the_saved_model_and_deletes_free_them() {
     }
 
     // 4. Streaming: 60 new products, 10 deletes, 5 content updates, and a product created and
-    //    deleted inside one batch. New products wait for their vector before they get a DocID.
+    //    deleted inside one batch. New products join the DocID queue once their vector is stored.
     let mut second: Vec<SourcedRecord> = (100..160).map(|index| stream.upsert(&format!("P{index:03}"), &title(index))).collect();
     second.extend((0..10).map(|index| stream.delete(&format!("P{:03}", index * 3))));
     second.extend((50..55).map(|index| stream.upsert(&format!("P{index:03}"), &format!("{} renewed", title(index)))));
@@ -141,12 +141,12 @@ fn new_products_get_docids_from_the_saved_model_and_deletes_free_them() {
     for docid in &deleted_docids {
         assert_eq!(state.product_for_docid(docid).unwrap(), None, "a delete frees its DocID in the same batch");
     }
-    assert_eq!(state.docid_queue_len().unwrap(), 60, "only products new to state are queued");
+    assert_eq!(state.docid_queue_len().unwrap(), 0, "no vectors yet, so nothing is queued for a DocID");
     let waiting = worker.drain().unwrap();
     assert_eq!(waiting.newly_assigned(), 0, "no vectors yet: {waiting:?}");
-    assert_eq!(waiting.waiting_for_vector, 60);
 
     embedder.drain().unwrap();
+    assert_eq!(state.docid_queue_len().unwrap(), 60, "only products new to state are queued, each once its vector is stored");
     let report = worker.drain().unwrap();
     assert_eq!(report.newly_assigned(), 60, "{report:?}");
     let after = assert_bijection(&state, &live);

@@ -145,6 +145,7 @@ fn precomputed_vectors_are_stored_and_a_new_encoder_queues_everything_again() {
     assert_eq!(state.product_embedding("P1", &target.cache_id).unwrap().unwrap(), given, "the producer's vector is the product's vector");
     let queued: Vec<String> = state.embedding_queue_page(None, 10, |_| true).unwrap().into_iter().map(|queued| queued.product_id).collect();
     assert_eq!(queued, ["P2"], "only the product without a vector waits for the encoder");
+    assert_eq!(state.docid_queue_page(None, 10).unwrap(), ["P1"], "a product whose vector came with it is queued for a DocID at once");
 
     // Another encoder (here: other hashing parameters) finds nothing cached and queues both.
     let other = HashingEncoder::new(HashingEncoderConfig { dimension: 64, ..Default::default() }).unwrap();
