@@ -65,6 +65,9 @@ pub struct IngestRound {
     /// CPU time of the indexer's `state-writer` thread per event, in nanoseconds: the pipeline's
     /// serial stage, and the steadiest figure of what a change to the state write costs.
     pub write_thread_cpu_nanoseconds_per_event: f64,
+    /// Seconds RocksDB held the indexer's writes back (write stalls and slowdowns) in the round:
+    /// a slow round with a normal writer CPU per event and a stall here was throttled by RocksDB.
+    pub rocksdb_write_stall_seconds: f64,
 }
 
 /// Partitions per topic that keep `events` within the mock broker's per-partition retention
@@ -115,7 +118,7 @@ pub async fn ingest_benchmark(mut config: Config, arguments: &IngestBenchArgs) -
         let mut indexer_config = config.clone();
         indexer_config.kafka.group_id = format!("bench-indexer-{round}");
         indexer_config.state_dir = work_dir.path().join(format!("state-{round}"));
-        let (ingest, ingest_cpu) = with_cpu_per_event(events, indexer_run(indexer_config, &bootstrap, events)).await?;
+        let ((ingest, write_stall_seconds), ingest_cpu) = with_cpu_per_event(events, indexer_run(indexer_config, &bootstrap, events)).await?;
         let ingest_rate = ingest.records() as f64 / ingest.active_seconds.max(1e-9);
         let per_event_nanoseconds = |seconds: f64| seconds * 1e9 / events.max(1) as f64;
         let result = IngestRound {
@@ -126,9 +129,10 @@ pub async fn ingest_benchmark(mut config: Config, arguments: &IngestBenchArgs) -
             ingest_cpu_microseconds_per_event: ingest_cpu,
             prepare_thread_cpu_nanoseconds_per_event: per_event_nanoseconds(ingest.prepare_cpu_seconds),
             write_thread_cpu_nanoseconds_per_event: per_event_nanoseconds(ingest.write_cpu_seconds),
+            rocksdb_write_stall_seconds: write_stall_seconds,
         };
         println!(
-            "round {round}: bare consume {:>10.0} events/s | ingest {:>10.0} events/s | ratio {:.2} | CPU per event: bare {:.2} µs, ingest {:.2} µs (preparer {:.0} ns, writer {:.0} ns)",
+            "round {round}: bare consume {:>10.0} events/s | ingest {:>10.0} events/s | ratio {:.2} | CPU per event: bare {:.2} µs, ingest {:.2} µs (preparer {:.0} ns, writer {:.0} ns) | RocksDB write stall {:.2} s",
             result.bare_consume_events_per_second,
             result.ingest_events_per_second,
             result.ratio,
@@ -136,6 +140,7 @@ pub async fn ingest_benchmark(mut config: Config, arguments: &IngestBenchArgs) -
             ingest_cpu,
             result.prepare_thread_cpu_nanoseconds_per_event,
             result.write_thread_cpu_nanoseconds_per_event,
+            result.rocksdb_write_stall_seconds,
         );
         rounds.push(result);
     }
@@ -194,9 +199,10 @@ async fn bare_consume_rate(config: &Config, bootstrap: &str, group_id: &str, eve
     Ok(received as f64 / seconds.max(1e-9))
 }
 
-/// Runs the indexer until it has caught up with the `events` produced; its summary holds the
-/// active time (the rate's denominator) and the pipeline threads' CPU time.
-async fn indexer_run(config: Config, bootstrap: &str, events: usize) -> anyhow::Result<crate::source::RunSummary> {
+/// Runs the indexer until it has caught up with the `events` produced. Returns its summary
+/// (the active time, the rate's denominator, and the pipeline threads' CPU time) and the
+/// seconds RocksDB held its writes back.
+async fn indexer_run(config: Config, bootstrap: &str, events: usize) -> anyhow::Result<(crate::source::RunSummary, f64)> {
     let state = Arc::new(StateStore::open(&config.state_dir, &config.state)?);
     let indexer = Indexer::connect(Arc::new(config), state, bootstrap)?;
     let (_keep_open, shutdown) = watch::channel(false);
@@ -206,7 +212,8 @@ async fn indexer_run(config: Config, bootstrap: &str, events: usize) -> anyhow::
         "indexer consumed {} records, expected {events}",
         summary.records()
     );
-    Ok(summary)
+    let write_stall_seconds = indexer.state().cumulative_write_stall_seconds()?;
+    Ok((summary, write_stall_seconds))
 }
 
 /// `bench stages` flags.

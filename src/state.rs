@@ -404,6 +404,19 @@ fn canonical_content(content: &ProductContent) -> (Vec<u8>, [u8; CONTENT_HASH_BY
     (content_json, hash)
 }
 
+/// Reads `Cumulative stall: 00:00:1.250 H:M:S, 3.1 percent` (RocksDB's DB stats, a fixed
+/// format) as seconds.
+fn parse_cumulative_stall_seconds(stats: &str) -> Option<f64> {
+    let line = stats.lines().find_map(|line| line.trim().strip_prefix("Cumulative stall: "))?;
+    let (clock, _) = line.split_once(" H:M:S")?;
+    let mut parts = clock.split(':');
+    let (hours, minutes, seconds) = (parts.next()?.parse::<f64>().ok()?, parts.next()?.parse::<f64>().ok()?, parts.next()?.parse::<f64>().ok()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(hours * 3600.0 + minutes * 60.0 + seconds)
+}
+
 /// What one message amounts to once decoded.
 #[derive(Debug, Clone)]
 pub enum DecodedRecord {
@@ -866,6 +879,17 @@ impl StateStore {
         }
         self.database.write(batch).map_err(|error| self.rocks_error(error))?;
         Ok(queued)
+    }
+
+    /// Seconds RocksDB has held writes back (write stalls and slowdowns: too many memtables or
+    /// level-0 files, pending compaction) since this process opened the state, from the
+    /// `rocksdb.dbstats` property's "Cumulative stall" line.
+    pub fn cumulative_write_stall_seconds(&self) -> Result<f64, StateError> {
+        let stats = self.database.property_value("rocksdb.dbstats").map_err(|error| self.rocks_error(error))?.unwrap_or_default();
+        parse_cumulative_stall_seconds(&stats).ok_or_else(|| StateError::Corrupt {
+            column_family: "(database)",
+            detail: format!("no \"Cumulative stall: H:M:S\" line in rocksdb.dbstats: {stats:?}"),
+        })
     }
 
     /// RocksDB's estimate of the queued products (exact after a flush; for the gauge).
@@ -1615,6 +1639,16 @@ mod tests {
         let decoded = decode_product_value(&value).unwrap();
         assert_eq!(decoded, StoredProduct { content, content_hash: hex::encode(hash), updated_by: position });
         assert!(decode_product_value(&value[..10]).is_err());
+    }
+
+    #[test]
+    fn cumulative_write_stall_is_read_from_the_db_stats() {
+        let stats = "** DB Stats **\nUptime(secs): 12.0 total, 2.0 interval\nCumulative stall: 00:01:02.500 H:M:S, 3.1 percent\nInterval stall: 00:00:0.000 H:M:S, 0.0 percent\n";
+        assert_eq!(parse_cumulative_stall_seconds(stats), Some(62.5));
+        assert_eq!(parse_cumulative_stall_seconds("Interval stall: 00:00:1.000 H:M:S, 0.0 percent"), None);
+        let directory = tempfile::tempdir().unwrap();
+        let store = StateStore::open(directory.path(), &StateOptions::default()).unwrap();
+        assert_eq!(store.cumulative_write_stall_seconds().unwrap(), 0.0, "a fresh database has not stalled");
     }
 
     #[test]
