@@ -24,6 +24,23 @@ pub mod state;
 pub mod synth;
 pub mod topics;
 
+/// Sleeps up to `duration` in slices of at most `slice`, checking `is_stopped` before each, so a
+/// worker's pause or back-off never holds up shutdown by more than one slice. Returns whether it
+/// was stopped (`false`: the whole duration passed).
+pub(crate) fn sleep_unless_stopped(duration: std::time::Duration, slice: std::time::Duration, is_stopped: impl Fn() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + duration;
+    loop {
+        if is_stopped() {
+            return true;
+        }
+        let now = std::time::Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        std::thread::sleep((deadline - now).min(slice));
+    }
+}
+
 /// The burn backend family this binary was built for (`cuda` with the `cuda` feature, `flex`
 /// with the `flex` feature, else the CPU `ndarray` backend); reported in
 /// `merge_indexer_build_info`.

@@ -320,17 +320,7 @@ impl StopSignal {
 
     /// Sleeps for `duration`, checking the signal every 20 ms; true when it was set.
     fn sleep_unless_stopped(&self, duration: Duration) -> bool {
-        let deadline = Instant::now() + duration;
-        loop {
-            if self.is_set() {
-                return true;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            std::thread::sleep((deadline - now).min(Duration::from_millis(20)));
-        }
+        crate::sleep_unless_stopped(duration, Duration::from_millis(20), || self.is_set())
     }
 }
 
@@ -824,7 +814,8 @@ impl Indexer {
             summary.revoked_events_dropped += revoked;
             metrics::counter!(names::REVOKED_EVENTS_DROPPED_TOTAL).increment(revoked);
         }
-        for (topic, count) in [(SubscribedTopic::Products, duplicates[0]), (SubscribedTopic::QueryEvents, duplicates[1])] {
+        for topic in [SubscribedTopic::Products, SubscribedTopic::QueryEvents] {
+            let count = duplicates[topic as usize];
             if count == 0 {
                 continue;
             }

@@ -931,7 +931,7 @@ impl StateStore {
     pub fn store_embeddings(&self, cache_id: &str, computed: &[(QueuedProduct, Vec<f32>)], cache_hits: &[QueuedProduct]) -> Result<usize, StateError> {
         let embeddings = self.column_family(EMBEDDINGS_CF);
         let queue = self.column_family(EMBEDDING_QUEUE_CF);
-        let (forward, docid_queue) = (self.column_family(DOCIDS_CF), self.column_family(DOCID_QUEUE_CF));
+        let docid_queue = self.column_family(DOCID_QUEUE_CF);
         // Lock order: DocIDs, then the embedding queue (as in batch apply). The DocID lock keeps
         // a delete or an assignment from landing between the DocID check and this write.
         let _docids_exclusive = self.docid_write_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -947,7 +947,7 @@ impl StateStore {
                 batch.delete_cf(queue, queued.product_id.as_bytes());
                 dequeued += 1;
                 // The entry was current, so the product is stored (a delete removes the entry).
-                if self.database.get_pinned_cf(forward, queued.product_id.as_bytes()).map_err(|error| self.rocks_error(error))?.is_none() {
+                if self.docid(&queued.product_id)?.is_none() {
                     batch.put_cf(docid_queue, queued.product_id.as_bytes(), []);
                 }
             }

@@ -385,17 +385,10 @@ impl DocIdWorker {
     }
 }
 
-/// Sleeps `pause` in short slices, returning early once `stop` is set (so shutdown never waits
+/// Sleeps `pause` in 50 ms slices, returning early once `stop` is set (so shutdown never waits
 /// out a long idle pause).
 fn sleep_unless_stopped(pause: Duration, stop: &AtomicBool) {
-    let deadline = Instant::now() + pause;
-    while !stop.load(Ordering::Acquire) {
-        let now = Instant::now();
-        if now >= deadline {
-            return;
-        }
-        std::thread::sleep((deadline - now).min(Duration::from_millis(50)));
-    }
+    crate::sleep_unless_stopped(pause, Duration::from_millis(50), || stop.load(Ordering::Acquire));
 }
 
 /// The running DocID worker.
