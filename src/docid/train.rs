@@ -646,20 +646,32 @@ mod tests {
         assert_eq!(report.utilisation_per_level.len(), 3);
         assert!(report.unique_tokens_per_layer.iter().all(|count| *count >= 1.0));
         // Same seed, same data order and initialisation, but training is not bit-reproducible
-        // from run to run on burn's ndarray backend (even with one rayon and one matmul thread),
-        // and float noise flips near-tied last-level choices: measured up to 9 of 96 last-level
-        // codes, never a prefix.
+        // on burn's ndarray backend: the first epoch's loss already differs in its 8th digit from
+        // run to run, and 30 epochs amplify that at near-ties, so code *labels* and within-cluster
+        // splits differ between runs (a code-by-code comparison failed about 1 run in 30). What
+        // a retrain must reproduce is the structure: documents of different clusters never share
+        // a first-level code (held in 200 of 200 measured runs).
+        assert_first_level_codes_separate_clusters(&docids);
         let (again, _, trained) = train_docids::<Autodiff<InferenceBackend>>(&config(Variant::Merge), &embeddings, &queries, &device, |_, _| {}).unwrap();
-        let same_prefix = docids.iter().zip(&again).filter(|(first, second)| first.prefix() == second.prefix()).count();
-        let identical = docids.iter().zip(&again).filter(|(first, second)| first == second).count();
-        assert!(same_prefix >= 92, "prefixes agree for {same_prefix} of 96");
-        assert!(identical >= 80, "DocIDs agree for {identical} of 96");
+        assert_eq!(again.iter().collect::<BTreeSet<_>>().len(), 96, "DocIDs are unique");
+        assert_first_level_codes_separate_clusters(&again);
         // Quantizing with one trained model is exactly reproducible (incremental assignment
         // relies on it).
         let rows: Vec<usize> = (0..embeddings.len()).collect();
         let first = quantize_documents(&trained, &embeddings, &rows, &device);
         let second = quantize_documents(&trained, &embeddings, &rows, &device);
         assert_eq!(first, second);
+    }
+
+    /// `clustered_corpus` puts document `index` in cluster `index % 6`: no first-level code may
+    /// hold documents of two clusters (a cluster may spread over several codes).
+    fn assert_first_level_codes_separate_clusters(docids: &[DocId]) {
+        let mut clusters_of_code: BTreeMap<u8, BTreeSet<usize>> = BTreeMap::new();
+        for (index, docid) in docids.iter().enumerate() {
+            clusters_of_code.entry(docid.0[0]).or_default().insert(index % 6);
+        }
+        let mixed: Vec<_> = clusters_of_code.iter().filter(|(_, clusters)| clusters.len() > 1).collect();
+        assert!(mixed.is_empty(), "first-level codes shared across clusters: {mixed:?}");
     }
 
     #[test]
