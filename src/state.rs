@@ -46,6 +46,18 @@ const POINT_LOOKUP_COLUMN_FAMILIES: [&str; 3] = [PRODUCTS_CF, JUDGEMENTS_CF, DOC
 /// Share of a memtable's size given to its bloom filter (RocksDB's
 /// `memtable_prefix_bloom_size_ratio`).
 const MEMTABLE_BLOOM_RATIO: f64 = 0.02;
+/// Column families whose memtable is a hash table of linked lists (RocksDB `HashLinkList`, with
+/// the whole key as its "prefix") instead of a skiplist, with the memtable bytes per hash bucket.
+/// They take one insert per ingested event and are otherwise read by key; a skiplist insert into
+/// a 64 MiB memtable is a walk of cache misses, which made the state writer the pipeline's
+/// costliest thread (README "Benchmark → Ingest"). The price: a full scan of one of them sorts
+/// its memtable first (retrain, startup and `inspect` scans only), so every scan goes through
+/// [`StateStore::scan`], which asks for total order. Buckets: a judgement entry takes ~100 bytes
+/// of memtable, a product several hundred; one bucket per 64 or 256 bytes keeps chains short
+/// at the cost of 8 bytes per bucket (1/8 and 1/32 of the memtable).
+const HASH_MEMTABLE_BYTES_PER_BUCKET: [(&str, usize); 2] = [(JUDGEMENTS_CF, 64), (PRODUCTS_CF, 256)];
+/// RocksDB's default `write_buffer_size` (64 MiB), which this store keeps.
+const WRITE_BUFFER_BYTES: usize = 64 * 1024 * 1024;
 
 /// Version of the on-disk layout, stored under [`FORMAT_VERSION_KEY`] in `meta`.
 pub const FORMAT_VERSION: i64 = 1;
@@ -551,6 +563,8 @@ impl StateStore {
         let mut database_options = Options::default();
         database_options.create_if_missing(true);
         database_options.create_missing_column_families(true);
+        // Hash memtables take one writer at a time; all writes are serialised here anyway.
+        database_options.set_allow_concurrent_memtable_write(false);
         database_options.set_compression_type(rocksdb::DBCompressionType::Lz4);
         let cache = rocksdb::Cache::new_lru_cache(options.block_cache_mib.max(8) * 1024 * 1024);
         let mut table_options = rocksdb::BlockBasedOptions::default();
@@ -567,6 +581,11 @@ impl StateStore {
                 // answers those misses without walking the skiplist.
                 column_options.set_memtable_prefix_bloom_ratio(MEMTABLE_BLOOM_RATIO);
                 column_options.set_memtable_whole_key_filtering(true);
+            }
+            if let Some((_, bytes_per_bucket)) = HASH_MEMTABLE_BYTES_PER_BUCKET.iter().find(|(hashed, _)| hashed == name) {
+                column_options.set_write_buffer_size(WRITE_BUFFER_BYTES);
+                column_options.set_prefix_extractor(rocksdb::SliceTransform::create_noop());
+                column_options.set_memtable_factory(rocksdb::MemtableFactory::HashLinkList { bucket_count: WRITE_BUFFER_BYTES / bytes_per_bucket });
             }
             ColumnFamilyDescriptor::new(*name, column_options)
         });
@@ -595,6 +614,14 @@ impl StateStore {
 
     fn from_database(database: DB, path: &Path, write_options_sync: bool) -> Self {
         Self { database, path: path.to_owned(), write_options_sync, embedding_target: OnceLock::new(), queue_write_lock: Mutex::new(()), docid_write_lock: Mutex::new(()) }
+    }
+
+    /// Iterates `column_family` from `mode` in key order. Every scan goes through here: the
+    /// hash-memtable column families only iterate in order when asked for total order.
+    fn scan<'store>(&'store self, column_family: &'store rocksdb::ColumnFamily, mode: IteratorMode<'_>) -> rocksdb::DBIterator<'store> {
+        let mut read_options = rocksdb::ReadOptions::default();
+        read_options.set_total_order_seek(true);
+        self.database.iterator_cf_opt(column_family, read_options, mode)
     }
 
     /// The state directory.
@@ -697,7 +724,7 @@ impl StateStore {
     /// Every stored next offset, by (topic, partition).
     pub fn stored_offsets(&self) -> Result<BTreeMap<(String, i32), i64>, StateError> {
         let mut offsets = BTreeMap::new();
-        for entry in self.database.iterator_cf(self.column_family(OFFSETS_CF), IteratorMode::Start) {
+        for entry in self.scan(self.column_family(OFFSETS_CF), IteratorMode::Start) {
             let (key, value) = entry.map_err(|error| self.rocks_error(error))?;
             let array: [u8; 8] = value
                 .as_ref()
@@ -732,7 +759,7 @@ impl StateStore {
 
     /// Visits every product in key order.
     pub fn for_each_product(&self, mut visit: impl FnMut(&str, StoredProduct)) -> Result<(), StateError> {
-        for entry in self.database.iterator_cf(self.column_family(PRODUCTS_CF), IteratorMode::Start) {
+        for entry in self.scan(self.column_family(PRODUCTS_CF), IteratorMode::Start) {
             let (key, value) = entry.map_err(|error| self.rocks_error(error))?;
             visit(&String::from_utf8_lossy(&key), decode_product_value(&value)?);
         }
@@ -741,7 +768,7 @@ impl StateStore {
 
     /// Visits every judgement pair in key order (grouped by locale, then query).
     pub fn for_each_judgement(&self, mut visit: impl FnMut(JudgementKey, JudgementAggregate)) -> Result<(), StateError> {
-        for entry in self.database.iterator_cf(self.column_family(JUDGEMENTS_CF), IteratorMode::Start) {
+        for entry in self.scan(self.column_family(JUDGEMENTS_CF), IteratorMode::Start) {
             let (key, value) = entry.map_err(|error| self.rocks_error(error))?;
             visit(decode_judgement_key(&key)?, JudgementAggregate::decode(&value)?);
         }
@@ -793,7 +820,7 @@ impl StateStore {
         };
         let prefix = embedding_key_prefix(cache_id);
         let mut count = 0;
-        for entry in self.database.iterator_cf(column_family, IteratorMode::From(&prefix, rocksdb::Direction::Forward)) {
+        for entry in self.scan(column_family, IteratorMode::From(&prefix, rocksdb::Direction::Forward)) {
             let (key, _) = entry.map_err(|error| self.rocks_error(error))?;
             if !key.starts_with(&prefix) {
                 break;
@@ -814,7 +841,7 @@ impl StateStore {
             None => IteratorMode::Start,
         };
         let mut page = Vec::new();
-        for entry in self.database.iterator_cf(handle, mode) {
+        for entry in self.scan(handle, mode) {
             if page.len() >= limit {
                 break;
             }
@@ -848,7 +875,7 @@ impl StateStore {
             return Ok(0);
         };
         let mut count = 0;
-        for entry in self.database.iterator_cf(handle, IteratorMode::Start) {
+        for entry in self.scan(handle, IteratorMode::Start) {
             entry.map_err(|error| self.rocks_error(error))?;
             count += 1;
         }
@@ -870,7 +897,7 @@ impl StateStore {
         let _exclusive = self.docid_write_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut batch = WriteBatch::default();
         let mut queued = 0;
-        for entry in self.database.iterator_cf(products, IteratorMode::Start) {
+        for entry in self.scan(products, IteratorMode::Start) {
             let (key, _) = entry.map_err(|error| self.rocks_error(error))?;
             if self.database.get_pinned_cf(forward, &key).map_err(|error| self.rocks_error(error))?.is_none() {
                 batch.put_cf(queue, &key, []);
@@ -909,7 +936,7 @@ impl StateStore {
     pub fn embedding_summary(&self) -> Result<(BTreeMap<String, u64>, u64), StateError> {
         let mut by_encoder: BTreeMap<String, u64> = BTreeMap::new();
         if let Some(column_family) = self.try_column_family(EMBEDDINGS_CF) {
-            for entry in self.database.iterator_cf(column_family, IteratorMode::Start) {
+            for entry in self.scan(column_family, IteratorMode::Start) {
                 let (key, _) = entry.map_err(|error| self.rocks_error(error))?;
                 let length = key.get(..2).map_or(0, |prefix| u16::from_be_bytes([prefix[0], prefix[1]]) as usize);
                 let cache_id = key.get(2..2 + length).map(String::from_utf8_lossy).unwrap_or_default();
@@ -963,7 +990,7 @@ impl StateStore {
         let products = self.column_family(PRODUCTS_CF);
         let queue = self.column_family(EMBEDDING_QUEUE_CF);
         let mut missing: Vec<(Vec<u8>, ContentHash)> = Vec::new();
-        for entry in self.database.iterator_cf(products, IteratorMode::Start) {
+        for entry in self.scan(products, IteratorMode::Start) {
             let (key, value) = entry.map_err(|error| self.rocks_error(error))?;
             let hash = decode_content_hash(value.get(..CONTENT_HASH_BYTES).unwrap_or_default(), PRODUCTS_CF)?;
             if self.embedding(cache_id, &hash)?.is_none() {
@@ -1010,7 +1037,7 @@ impl StateStore {
     /// Every stored product id, in key order.
     pub fn product_ids(&self) -> Result<Vec<String>, StateError> {
         let mut ids = Vec::new();
-        for entry in self.database.iterator_cf(self.column_family(PRODUCTS_CF), IteratorMode::Start) {
+        for entry in self.scan(self.column_family(PRODUCTS_CF), IteratorMode::Start) {
             let (key, _) = entry.map_err(|error| self.rocks_error(error))?;
             ids.push(String::from_utf8_lossy(&key).into_owned());
         }
@@ -1030,7 +1057,7 @@ impl StateStore {
     /// Every (product, DocID) pair, in product order.
     pub fn docids(&self) -> Result<Vec<(String, crate::docid::DocId)>, StateError> {
         let mut pairs = Vec::new();
-        for entry in self.database.iterator_cf(self.column_family(DOCIDS_CF), IteratorMode::Start) {
+        for entry in self.scan(self.column_family(DOCIDS_CF), IteratorMode::Start) {
             let (key, value) = entry.map_err(|error| self.rocks_error(error))?;
             pairs.push((String::from_utf8_lossy(&key).into_owned(), crate::docid::DocId(value.to_vec())));
         }
@@ -1052,7 +1079,7 @@ impl StateStore {
         let reverse = self.column_family(DOCID_REVERSE_CF);
         let _exclusive = self.docid_write_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut batch = WriteBatch::default();
-        for entry in self.database.iterator_cf(forward, IteratorMode::Start) {
+        for entry in self.scan(forward, IteratorMode::Start) {
             let (key, value) = entry.map_err(|error| self.rocks_error(error))?;
             batch.delete_cf(forward, key);
             batch.delete_cf(reverse, value);
@@ -1155,7 +1182,7 @@ impl StateStore {
     /// The counters kept in `meta`.
     pub fn counts(&self) -> Result<StateCounts, StateError> {
         let mut counts = StateCounts::default();
-        for entry in self.database.iterator_cf(self.column_family(META_CF), IteratorMode::Start) {
+        for entry in self.scan(self.column_family(META_CF), IteratorMode::Start) {
             let (key, value) = entry.map_err(|error| self.rocks_error(error))?;
             let name = String::from_utf8_lossy(&key).into_owned();
             let Ok(array) = <[u8; 8]>::try_from(value.as_ref()) else {
@@ -1649,6 +1676,29 @@ mod tests {
         let directory = tempfile::tempdir().unwrap();
         let store = StateStore::open(directory.path(), &StateOptions::default()).unwrap();
         assert_eq!(store.cumulative_write_stall_seconds().unwrap(), 0.0, "a fresh database has not stalled");
+    }
+
+    #[test]
+    fn hash_memtable_column_families_scan_in_key_order_across_memtable_and_files() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = StateStore::open(directory.path(), &StateOptions::default()).unwrap();
+        let mapping = RelevanceMapping::default();
+        let click = || QuerySignal::Interaction(InteractionAction::Click);
+        // Half the keys reach an SST file, the other half stay in the (hash) memtable.
+        store.apply_batch(&[upsert("Z9", "z", 0), upsert("A1", "a", 1), signal("shoes", "Z9", click(), 0, 0), signal("boots", "A1", click(), 0, 1)], &mapping).unwrap();
+        for name in [PRODUCTS_CF, JUDGEMENTS_CF] {
+            store.database.flush_cf(store.column_family(name)).unwrap();
+        }
+        store.apply_batch(&[upsert("M5", "m", 2), upsert("B2", "b", 3), signal("shoes", "A1", click(), 0, 2), signal("art", "M5", click(), 0, 3)], &mapping).unwrap();
+        assert_eq!(store.product_ids().unwrap(), ["A1", "B2", "M5", "Z9"]);
+        let mut judged = Vec::new();
+        store.for_each_judgement(|key, _| judged.push((key.query, key.product_id))).unwrap();
+        let expected: Vec<(String, String)> =
+            [("art", "M5"), ("boots", "A1"), ("shoes", "A1"), ("shoes", "Z9")].iter().map(|(query, product)| (query.to_string(), product.to_string())).collect();
+        assert_eq!(judged, expected);
+        // Point reads see both halves.
+        assert!(store.product("Z9").unwrap().is_some() && store.product("B2").unwrap().is_some());
+        assert!(store.judgement("us", "shoes", "Z9").unwrap().is_some() && store.judgement("us", "art", "M5").unwrap().is_some());
     }
 
     #[test]
