@@ -949,16 +949,48 @@ pub fn consumer_client_config(kafka: &KafkaConfig, bootstrap_servers: &str, grou
     Ok(client_config)
 }
 
+/// Lag of every assigned partition. The watermarks of all partitions come from two batched
+/// ListOffsets round trips (earliest, latest), not two per partition: per-partition queries to
+/// 80 partitions took ~30 s against the embedded broker and, made when a batch came back empty,
+/// held the consume loop for that long (a stall seen in `bench ingest`).
 fn partition_lags(consumer: &StreamConsumer<IngestContext>, state: &StateStore) -> anyhow::Result<Vec<PartitionLag>> {
-    let mut lags = Vec::new();
-    for (topic, partition) in consumer.context().assigned_partitions() {
-        let (low_watermark, high_watermark) = consumer
-            .fetch_watermarks(&topic, partition, Duration::from_secs(5))
-            .with_context(|| format!("fetching watermarks of {topic}/{partition}"))?;
+    let assigned = consumer.context().assigned_partitions();
+    if assigned.is_empty() {
+        return Ok(Vec::new());
+    }
+    let low_watermarks = list_offsets(consumer, &assigned, Offset::Beginning)?;
+    let high_watermarks = list_offsets(consumer, &assigned, Offset::End)?;
+    let mut lags = Vec::with_capacity(assigned.len());
+    for (topic, partition) in assigned {
+        let key = (topic, partition);
+        let (Some(&low_watermark), Some(&high_watermark)) = (low_watermarks.get(&key), high_watermarks.get(&key)) else {
+            anyhow::bail!("the broker returned no watermark for {}/{}", key.0, key.1);
+        };
+        let (topic, partition) = key;
         let next_offset = state.next_offset(&topic, partition)?.unwrap_or(low_watermark).max(low_watermark);
         lags.push(PartitionLag { topic, partition, high_watermark, next_offset, lag: (high_watermark - next_offset).max(0) });
     }
     Ok(lags)
+}
+
+/// The earliest (`Offset::Beginning`) or latest (`Offset::End`) offset of each of `partitions`,
+/// in one ListOffsets request per broker.
+fn list_offsets(consumer: &StreamConsumer<IngestContext>, partitions: &BTreeSet<TopicPartition>, which: Offset) -> anyhow::Result<FxHashMap<(String, i32), i64>> {
+    debug_assert!(matches!(which, Offset::Beginning | Offset::End));
+    let mut request = TopicPartitionList::with_capacity(partitions.len());
+    for (topic, partition) in partitions {
+        request.add_partition_offset(topic, *partition, which).with_context(|| format!("listing offsets of {topic}/{partition}"))?;
+    }
+    let answer = consumer.offsets_for_times(request, Duration::from_secs(5)).context("listing partition offsets")?;
+    let mut offsets = FxHashMap::default();
+    for element in answer.elements() {
+        element.error().with_context(|| format!("listing offsets of {}/{}", element.topic(), element.partition()))?;
+        let Offset::Offset(offset) = element.offset() else {
+            anyhow::bail!("the broker answered {:?} for {}/{}", element.offset(), element.topic(), element.partition());
+        };
+        offsets.insert((element.topic().to_owned(), element.partition()), offset);
+    }
+    Ok(offsets)
 }
 
 #[cfg(test)]
