@@ -1360,6 +1360,10 @@ impl StateStore {
                             write.product_delta -= 1;
                             current = None;
                             change.value = Some(None);
+                            // Its DocID is freed even if a later record of this batch brings the
+                            // product back: applied one by one, the delete frees it and the
+                            // re-upsert queues the product for a new one.
+                            change.frees_docid = true;
                             change.embedding_queued = Some(None);
                             change.docid_queued = Some(false);
                             ApplyOutcome::Applied
@@ -1446,6 +1450,9 @@ impl StateStore {
                 // (`StateStore::store_embeddings`). One skiplist insert less per new product on
                 // the ingest path, the writer's costliest part (README "Benchmark").
                 (Some(true), Some(None)) => batch.put_cf(docid_queue, product_id.as_bytes(), []),
+                // Deleted and back within the batch: a queue entry from before the delete goes,
+                // as the delete would have removed it.
+                (Some(true), _) if change.frees_docid => batch.delete_cf(docid_queue, product_id.as_bytes()),
                 (Some(true), _) | (None, _) => {}
                 (Some(false), _) => batch.delete_cf(docid_queue, product_id.as_bytes()),
             }
@@ -1471,10 +1478,11 @@ impl StateStore {
         write_options.set_sync(self.write_options_sync);
         // Lock order: DocIDs, then the embedding queue (as everywhere else).
         let _docids_exclusive = self.docid_write_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        // A deleted product's DocID is freed in the same write. Read under the lock, so an
-        // assignment cannot land between this read and the write.
+        // A deleted product's DocID is freed in the same write, also when the batch re-upserts
+        // it afterwards (it is then new, and queued for a DocID like any new product). Read under
+        // the lock, so an assignment cannot land between this read and the write.
         let (forward, reverse) = (self.column_family(DOCIDS_CF), self.column_family(DOCID_REVERSE_CF));
-        for (product_id, _) in write.products.iter().filter(|(_, change)| change.value == Some(None)) {
+        for (product_id, _) in write.products.iter().filter(|(_, change)| change.frees_docid) {
             if let Some(docid) = self.get(DOCIDS_CF, product_id.as_bytes())? {
                 batch.delete_cf(forward, product_id.as_bytes());
                 batch.delete_cf(reverse, docid);
@@ -1592,6 +1600,9 @@ struct ProductChange<'batch> {
     /// DocID queue: `Some(true)` new to state (queued now if its vector came with the event, else
     /// when the vector is stored), `Some(false)` dequeue (deleted).
     docid_queued: Option<bool>,
+    /// The batch deletes the stored product at some point (whether or not it comes back later in
+    /// the batch): its DocID, if any, is freed in the batch's write.
+    frees_docid: bool,
 }
 
 /// The writes a folded batch adds up to, in key order per column family.
@@ -1794,6 +1805,37 @@ mod tests {
         assert_eq!((counts.products, counts.judgement_pairs, judgements.len()), (3, 3, 3));
         assert_eq!(report.next_offsets.get(&("products".to_owned(), 0)), Some(&11));
         assert_eq!(report.next_offsets.get(&("query-events".to_owned(), 1)), Some(&3));
+    }
+
+    /// A product deleted and upserted again within one batch loses its DocID and leaves the DocID
+    /// queue, exactly as when the records are applied one by one (where the delete frees the
+    /// DocID before the upsert comes back as a new product): the outcome must not depend on
+    /// where batch boundaries fall.
+    #[test]
+    fn delete_and_reupsert_in_one_batch_frees_the_docid_as_one_by_one_does() {
+        let mapping = RelevanceMapping::default();
+        let preexisting = vec![upsert("P1", "one", 0), upsert("P2", "two", 1), upsert("P3", "three", 2)];
+        let batch = vec![delete("P1", 3), upsert("P1", "one", 4), upsert("P2", "two, edited", 5), delete("P3", 6), upsert("P3", "three", 7)];
+        let (one_by_one, batched) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (one_by_one, batched) =
+            (StateStore::open(one_by_one.path(), &StateOptions::default()).unwrap(), StateStore::open(batched.path(), &StateOptions::default()).unwrap());
+        let docids = [("P1".to_owned(), crate::docid::DocId(vec![1, 2, 3, 4])), ("P2".to_owned(), crate::docid::DocId(vec![1, 2, 3, 5]))];
+        for store in [&one_by_one, &batched] {
+            store.apply_batch(&preexisting, &mapping).unwrap();
+            store.replace_docids(&docids).unwrap();
+            assert_eq!(store.enqueue_missing_docids().unwrap(), 1, "P3 has no DocID yet");
+        }
+        for record in &batch {
+            one_by_one.apply_batch(std::slice::from_ref(record), &mapping).unwrap();
+        }
+        batched.apply_batch(&batch, &mapping).unwrap();
+        for store in [&one_by_one, &batched] {
+            assert_eq!(store.docids().unwrap(), [docids[1].clone()], "P1 lost its DocID, P2 (only edited) kept its own");
+            assert_eq!(store.product_for_docid(&docids[0].1).unwrap(), None);
+            assert!(store.docid_queue_page(None, 10).unwrap().is_empty(), "P1 and P3 queue again once their vectors are stored");
+            assert!(store.docids_form_a_bijection().unwrap());
+        }
+        assert_eq!(snapshot(&batched), snapshot(&one_by_one));
     }
 
     /// A batch that overlaps what state already holds (a redelivery after a crash that landed
