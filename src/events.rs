@@ -428,25 +428,108 @@ pub enum QuerySignal {
     Interaction(InteractionAction),
 }
 
-/// A decoded `query-events` message.
+/// A decoded `query-events` message. Its three texts share one allocation laid out as the
+/// judgement pair key ([`encode_judgement_pair`]), which the state uses as is: decoding a query
+/// event allocates once, and preparing a batch borrows the key instead of building it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueryEvent {
-    /// The query, normalised with [`normalize_query`].
-    pub query: String,
-    /// Locale of the query, if given; part of the judgement key.
-    pub locale: Option<String>,
-    /// The product judged or interacted with.
-    pub product_id: String,
+    /// `u16 BE len(locale) ‖ locale ‖ u16 BE len(query) ‖ query ‖ product_id`, every text valid
+    /// UTF-8 (checked at construction).
+    pair: Vec<u8>,
     /// The judgement or interaction.
     pub signal: QuerySignal,
+}
+
+impl QueryEvent {
+    /// A query event from its parts: `query` as normalised by [`normalize_query`], `locale` as
+    /// validated (lower-case), `None` or empty when the event gave none.
+    ///
+    /// # Panics
+    /// When `locale` or `query` is longer than 65,535 bytes (decoding rejects those first).
+    pub fn new(query: &str, locale: Option<&str>, product_id: &str, signal: QuerySignal) -> Self {
+        Self { pair: encode_judgement_pair(locale.unwrap_or(""), query, product_id), signal }
+    }
+
+    /// The normalised query.
+    pub fn query(&self) -> &str {
+        let (_, query, _) = self.parts();
+        query
+    }
+
+    /// The locale, if the event gave one.
+    pub fn locale(&self) -> Option<&str> {
+        let (locale, _, _) = self.parts();
+        Some(locale).filter(|locale| !locale.is_empty())
+    }
+
+    /// The product judged or interacted with.
+    pub fn product_id(&self) -> &str {
+        let (_, _, product_id) = self.parts();
+        product_id
+    }
+
+    /// The (locale, query, product) pair encoded as [`encode_judgement_pair`] does: the key of
+    /// the pair's aggregate in the state.
+    pub fn pair_key(&self) -> &[u8] {
+        &self.pair
+    }
+
+    fn parts(&self) -> (&str, &str, &str) {
+        let parts = split_judgement_pair(&self.pair);
+        debug_assert!(parts.is_some(), "a QueryEvent's pair is well formed by construction");
+        parts.unwrap_or_default()
+    }
+}
+
+/// Encodes a (locale, query, product) pair so that all products of one (locale, query) sort
+/// together: `u16 BE len(locale) ‖ locale ‖ u16 BE len(query) ‖ query ‖ product_id`. The
+/// state's judgement keys use this layout.
+///
+/// # Panics
+/// When `locale` or `query` is longer than 65,535 bytes.
+pub fn encode_judgement_pair(locale: &str, query: &str, product_id: &str) -> Vec<u8> {
+    let mut pair = Vec::with_capacity(4 + locale.len() + query.len() + product_id.len());
+    push_prefixed(&mut pair, locale);
+    push_prefixed(&mut pair, query);
+    pair.extend_from_slice(product_id.as_bytes());
+    pair
+}
+
+/// Splits an [`encode_judgement_pair`] key into (locale, query, product id); `None` when it is
+/// not one.
+pub fn split_judgement_pair(pair: &[u8]) -> Option<(&str, &str, &str)> {
+    let take_prefixed = |bytes: &[u8]| -> Option<(usize, usize)> {
+        let length = u16::from_be_bytes(bytes.get(0..2)?.try_into().ok()?) as usize;
+        (bytes.len() >= 2 + length).then_some((2, 2 + length))
+    };
+    let (locale_start, locale_end) = take_prefixed(pair)?;
+    let rest = &pair[locale_end..];
+    let (query_start, query_end) = take_prefixed(rest)?;
+    let locale = std::str::from_utf8(&pair[locale_start..locale_end]).ok()?;
+    let query = std::str::from_utf8(&rest[query_start..query_end]).ok()?;
+    let product_id = std::str::from_utf8(&rest[query_end..]).ok()?;
+    Some((locale, query, product_id))
+}
+
+fn push_prefixed(buffer: &mut Vec<u8>, text: &str) {
+    let length = u16::try_from(text.len()).expect("pair texts are at most 65,535 bytes");
+    buffer.extend_from_slice(&length.to_be_bytes());
+    buffer.extend_from_slice(text.as_bytes());
 }
 
 /// Lower-cases a query and collapses its whitespace, so `"  Red  Shoes "` and `"red shoes"` are
 /// one query (the same normalisation as the ESCI `query_id`).
 pub fn normalize_query(query: &str) -> String {
     let mut normalized = String::with_capacity(query.len());
+    push_normalized_query(&mut normalized, query);
+    normalized
+}
+
+/// Appends [`normalize_query`]`(query)` to `normalized`.
+fn push_normalized_query(normalized: &mut String, query: &str) {
+    let start = normalized.len();
     for word in query.split_whitespace() {
-        if !normalized.is_empty() {
+        if normalized.len() > start {
             normalized.push(' ');
         }
         if word.is_ascii() {
@@ -455,7 +538,6 @@ pub fn normalize_query(query: &str) -> String {
             normalized.push_str(&word.to_lowercase());
         }
     }
-    normalized
 }
 
 /// The fields of a `products` message, typed but not yet validated. Decoded straight from
@@ -682,13 +764,15 @@ fn validate_query(wire: QueryWire<'_>, limits: &ValidationLimits) -> Result<Quer
     check_schema_version(wire.schema_version)?;
     let raw_query = required("query", wire.query)?;
     check_length("query", &raw_query, limits.max_query_bytes)?;
-    let query = normalize_query(&raw_query);
-    if query.is_empty() {
+    if raw_query.split_whitespace().next().is_none() {
         return Err(InvalidEvent::new(DeadLetterReason::InvalidValue, "field `query` is blank"));
     }
     let product_id = required("product_id", wire.product_id)?;
     validate_product_id(&product_id, limits)?;
-    let locale = wire.locale.as_deref().map(validate_locale).transpose()?;
+    if let Some(locale) = wire.locale.as_deref() {
+        check_locale(locale)?;
+    }
+    let locale = wire.locale.as_deref().unwrap_or("");
     let signal = match (wire.label, wire.action) {
         (Some(label), None) => {
             let level = RelevanceLevel::from_label(&label).ok_or_else(|| {
@@ -718,7 +802,27 @@ fn validate_query(wire: QueryWire<'_>, limits: &ValidationLimits) -> Result<Quer
             ))
         }
     };
-    Ok(QueryEvent { query, locale, product_id: product_id.into_owned(), signal })
+    // One allocation for the three texts, in the pair key's layout: the lower-cased locale, the
+    // normalised query (written in place, its length prefix patched after), the product id.
+    let mut pair = String::with_capacity(4 + locale.len() + raw_query.len() + product_id.len());
+    pair.push_str("\0\0");
+    pair.push_str(locale);
+    pair[2..].make_ascii_lowercase();
+    pair.push_str("\0\0");
+    let query_start = pair.len();
+    push_normalized_query(&mut pair, &raw_query);
+    let query_length = pair.len() - query_start;
+    debug_assert!(query_length > 0, "a query with a word normalises to a non-empty one");
+    let Ok(query_length) = u16::try_from(query_length) else {
+        return Err(InvalidEvent::new(DeadLetterReason::OversizeField, format!("field `query` is {query_length} bytes once normalised, limit is 65535")));
+    };
+    pair.push_str(&product_id);
+    let mut pair = pair.into_bytes();
+    // `locale` is 2-16 ASCII bytes (or empty); both prefixes overwrite the NUL placeholders.
+    pair[0..2].copy_from_slice(&(locale.len() as u16).to_be_bytes());
+    pair[query_start - 2..query_start].copy_from_slice(&query_length.to_be_bytes());
+    debug_assert!(split_judgement_pair(&pair).is_some());
+    Ok(QueryEvent { pair, signal })
 }
 
 fn check_payload_size(payload: &[u8], limits: &ValidationLimits) -> Result<(), InvalidEvent> {
@@ -861,6 +965,11 @@ fn optional_string_map(object: &Map<String, Value>, field: &str) -> Result<Optio
 }
 
 fn validate_locale(locale: &str) -> Result<String, InvalidEvent> {
+    check_locale(locale)?;
+    Ok(locale.to_ascii_lowercase())
+}
+
+fn check_locale(locale: &str) -> Result<(), InvalidEvent> {
     let well_formed = (2..=16).contains(&locale.len())
         && locale.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_');
     if !well_formed {
@@ -869,7 +978,7 @@ fn validate_locale(locale: &str) -> Result<String, InvalidEvent> {
             format!("field `locale` {locale:?} must be 2-16 ASCII letters, digits, '-' or '_'"),
         ));
     }
-    Ok(locale.to_ascii_lowercase())
+    Ok(())
 }
 
 fn check_item_count(field: &str, count: usize, limits: &ValidationLimits) -> Result<(), InvalidEvent> {
@@ -1085,11 +1194,26 @@ mod tests {
     #[test]
     fn query_events_decode_labels_and_actions() {
         let judgement = decode_query_event(Some(br#"{"schema_version":1,"query":"  Red  Shoes ","product_id":"P1","label":"S","locale":"US"}"#), &limits()).unwrap();
-        assert_eq!(judgement.query, "red shoes");
-        assert_eq!(judgement.locale.as_deref(), Some("us"));
+        assert_eq!(judgement.query(), "red shoes");
+        assert_eq!(judgement.locale(), Some("us"));
+        assert_eq!(judgement.product_id(), "P1");
+        assert_eq!(judgement.pair_key(), encode_judgement_pair("us", "red shoes", "P1"));
         assert_eq!(judgement.signal, QuerySignal::Judgement(RelevanceLevel::Substitute));
         let click = decode_query_event(Some(br#"{"schema_version":1,"query":"q","product_id":"P1","action":"add_to_cart"}"#), &limits()).unwrap();
         assert_eq!(click.signal, QuerySignal::Interaction(InteractionAction::AddToCart));
+    }
+
+    #[test]
+    fn a_query_events_texts_live_in_its_pair_key() {
+        let payload = "{\"schema_version\":1,\"query\":\" ÉCHARPE\\tHomme \",\"product_id\":\"B0-1\",\"action\":\"click\"}";
+        let event = decode_query_event(Some(payload.as_bytes()), &limits()).unwrap();
+        assert_eq!((event.locale(), event.query(), event.product_id()), (None, "écharpe homme", "B0-1"));
+        assert_eq!(event.pair_key(), encode_judgement_pair("", "écharpe homme", "B0-1"));
+        let built = QueryEvent::new("écharpe homme", None, "B0-1", QuerySignal::Interaction(InteractionAction::Click));
+        assert_eq!(built, event);
+        let with_locale = QueryEvent::new("q", Some("fr-ca"), "P", QuerySignal::Judgement(RelevanceLevel::Exact));
+        assert_eq!(split_judgement_pair(with_locale.pair_key()), Some(("fr-ca", "q", "P")));
+        assert_eq!(split_judgement_pair(&[0, 5, b'u']), None, "a length prefix past the end");
     }
 
     #[test]

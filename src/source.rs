@@ -31,7 +31,7 @@ use futures::StreamExt;
 use tokio::sync::watch;
 
 use crate::config::{Config, KafkaConfig};
-use crate::events::{decode_product_event, decode_query_event, DeadLetterReason, InvalidEvent};
+use crate::events::{decode_product_event, decode_query_event, InvalidEvent};
 use crate::kafka::{base_client_config, reliable_producer};
 use crate::metrics as names;
 use crate::state::{ApplyOutcome, DecodedRecord, PreparedBatch, SourcePosition, SourcedRecord, StateStore};
@@ -266,14 +266,17 @@ impl RawBatch {
 /// Turns [`RawBatch`]es into records on the `batch-preparer` thread.
 #[derive(Debug, Clone)]
 struct BatchDecoder {
-    topics: crate::config::TopicNames,
+    /// The `products` and `query-events` topic names, shared by every record's position.
+    products_topic: Arc<str>,
+    query_events_topic: Arc<str>,
     limits: crate::events::ValidationLimits,
 }
 
 impl BatchDecoder {
     fn new(config: &Config) -> Self {
         Self {
-            topics: config.kafka.topics.clone(),
+            products_topic: config.kafka.topics.products.as_str().into(),
+            query_events_topic: config.kafka.topics.query_events.as_str().into(),
             limits: config.validation.clone(),
         }
     }
@@ -287,11 +290,15 @@ impl BatchDecoder {
         for message in &raw.messages {
             let key = raw.bytes_of(&message.key);
             let payload = raw.bytes_of(&message.payload);
-            let decoded = match message.topic {
-                SubscribedTopic::Products => decode_product_event(key, payload, &self.limits).map(DecodedRecord::Product),
-                SubscribedTopic::QueryEvents => decode_query_event(payload, &self.limits).map(DecodedRecord::Query),
+            let (decoded, topic) = match message.topic {
+                SubscribedTopic::Products => {
+                    (decode_product_event(key, payload, &self.limits).map(DecodedRecord::Product), &self.products_topic)
+                }
+                SubscribedTopic::QueryEvents => {
+                    (decode_query_event(payload, &self.limits).map(DecodedRecord::Query), &self.query_events_topic)
+                }
             };
-            let topic = message.topic.name(&self.topics).to_owned();
+            let topic = Arc::clone(topic);
             let position = SourcePosition { topic, partition: message.partition, offset: message.offset };
             match decoded {
                 Ok(record) => records.push(SourcedRecord { position, record }),
@@ -378,7 +385,7 @@ impl DeadLetterSender {
         let headers = OwnedHeaders::new()
             .insert(Header { key: "reason", value: Some(rejected.invalid.reason.as_str()) })
             .insert(Header { key: "detail", value: Some(rejected.invalid.detail.as_str()) })
-            .insert(Header { key: "source_topic", value: Some(position.topic.as_str()) })
+            .insert(Header { key: "source_topic", value: Some(&*position.topic) })
             .insert(Header { key: "source_partition", value: Some(partition.as_str()) })
             .insert(Header { key: "source_offset", value: Some(offset.as_str()) })
             .insert(Header { key: "dead_lettered_at_ms", value: Some(now_ms.as_str()) })
@@ -394,43 +401,10 @@ impl DeadLetterSender {
     }
 }
 
-/// A written batch's records counted by topic and outcome, and its dead letters by topic and
-/// reason: what the metrics need, tallied on the writer thread so the records never travel back.
-#[derive(Debug, Default)]
-struct OutcomeTally {
-    records: usize,
-    outcomes: Vec<(String, ApplyOutcome, u64)>,
-    dead_letters: Vec<(String, DeadLetterReason, u64)>,
-}
-
-impl OutcomeTally {
-    fn of(records: &[SourcedRecord], outcomes: &[ApplyOutcome]) -> Self {
-        debug_assert_eq!(records.len(), outcomes.len(), "one outcome per record");
-        let mut tally = Self { records: records.len(), ..Self::default() };
-        for (record, &outcome) in records.iter().zip(outcomes) {
-            let topic = record.position.topic.as_str();
-            increment(&mut tally.outcomes, topic, outcome);
-            if let (ApplyOutcome::DeadLettered, DecodedRecord::DeadLetter(reason)) = (outcome, &record.record) {
-                increment(&mut tally.dead_letters, topic, *reason);
-            }
-        }
-        tally
-    }
-}
-
-/// Adds one to the `(topic, label)` entry; a linear scan, as a batch has a handful of entries.
-fn increment<Label: Copy + PartialEq>(entries: &mut Vec<(String, Label, u64)>, topic: &str, label: Label) {
-    match entries.iter_mut().find(|(entry_topic, entry_label, _)| *entry_label == label && entry_topic == topic) {
-        Some((_, _, count)) => *count += 1,
-        None => entries.push((topic.to_owned(), label, 1)),
-    }
-}
-
 /// What the pipeline hands back per batch.
 struct AppliedBatch {
-    /// The batch's records counted by outcome (empty when the batch was not written).
-    tally: OutcomeTally,
-    /// The write's report, or why the batch was not written.
+    /// The write's report (with the records counted by outcome), or why the batch was not
+    /// written.
     report: anyhow::Result<crate::state::BatchReport>,
     /// How long the RocksDB write took.
     write_duration: Duration,
@@ -438,7 +412,7 @@ struct AppliedBatch {
     completed: Instant,
     /// CPU time the `batch-preparer` thread spent on the batch (decode, dead letters, prepare).
     prepare_cpu: Duration,
-    /// CPU time the `state-writer` thread spent on the batch (apply and tally).
+    /// CPU time the `state-writer` thread spent on the batch.
     write_cpu: Duration,
 }
 
@@ -507,17 +481,13 @@ impl BatchPipeline {
                     // After a failed batch no later batch may land: its offsets would cover the
                     // failed batch's events. The consumer task stops on the error it receives.
                     let failed = report.is_err();
-                    let (tally, report) = match report {
-                        Ok((report, batch)) => {
-                            let tally = OutcomeTally::of(batch.records(), &report.outcomes);
-                            // Once the preparer has stopped, the batch is dropped here instead.
-                            let _ = spent_sender.send(batch);
-                            (tally, Ok(report))
-                        }
-                        Err(error) => (OutcomeTally::default(), Err(error)),
-                    };
+                    let report = report.map(|(report, batch)| {
+                        // Once the preparer has stopped, the batch is dropped here instead.
+                        let _ = spent_sender.send(batch);
+                        report
+                    });
                     let write_cpu = crate::metrics::thread_cpu_time().saturating_sub(cpu_before);
-                    let applied = AppliedBatch { tally, report, write_duration, completed, prepare_cpu, write_cpu };
+                    let applied = AppliedBatch { report, write_duration, completed, prepare_cpu, write_cpu };
                     if applied_sender.send(applied).is_err() || failed {
                         return;
                     }
@@ -840,30 +810,31 @@ impl Indexer {
 
     /// Records a written batch's metrics and commits its offsets to Kafka (informational).
     fn finish(&self, applied: AppliedBatch, summary: &mut RunSummary) -> anyhow::Result<()> {
-        let AppliedBatch { tally, report, write_duration, completed, prepare_cpu, write_cpu } = applied;
+        let AppliedBatch { report, write_duration, completed, prepare_cpu, write_cpu } = applied;
         metrics::histogram!(names::BATCH_CPU_SECONDS, "stage" => "prepare").record(prepare_cpu.as_secs_f64());
         metrics::histogram!(names::BATCH_CPU_SECONDS, "stage" => "write").record(write_cpu.as_secs_f64());
         summary.prepare_cpu_seconds += prepare_cpu.as_secs_f64();
         summary.write_cpu_seconds += write_cpu.as_secs_f64();
         let report = report?;
-        for (topic, outcome, count) in tally.outcomes {
-            metrics::counter!(names::EVENTS_TOTAL, "topic" => topic, "outcome" => outcome.as_str()).increment(count);
+        let records = report.outcomes.len();
+        for (topic, outcome, count) in &report.counts.by_outcome {
+            metrics::counter!(names::EVENTS_TOTAL, "topic" => Arc::clone(topic), "outcome" => outcome.as_str()).increment(*count);
             *summary.outcomes.entry(outcome.as_str()).or_insert(0) += count;
         }
-        for (topic, reason, count) in tally.dead_letters {
-            metrics::counter!(names::DEAD_LETTERS_TOTAL, "topic" => topic, "reason" => reason.as_str()).increment(count);
+        for (topic, reason, count) in &report.counts.dead_letters {
+            metrics::counter!(names::DEAD_LETTERS_TOTAL, "topic" => Arc::clone(topic), "reason" => reason.as_str()).increment(*count);
         }
         summary.batches += 1;
         if let Some(first) = summary.first_event_received {
             summary.active_seconds = completed.saturating_duration_since(first).as_secs_f64();
         }
         metrics::counter!(names::ROCKSDB_WRITE_BYTES_TOTAL).increment(report.write_bytes as u64);
-        metrics::histogram!(names::BATCH_EVENTS).record(tally.records as f64);
+        metrics::histogram!(names::BATCH_EVENTS).record(records as f64);
         metrics::histogram!(names::BATCH_APPLY_DURATION_SECONDS).record(write_duration.as_secs_f64());
         let counts = self.state.counts()?;
         metrics::gauge!(names::STATE_PRODUCTS).set(counts.products as f64);
         metrics::gauge!(names::STATE_JUDGEMENT_PAIRS).set(counts.judgement_pairs as f64);
-        tracing::debug!(events = tally.records, write_bytes = report.write_bytes, "batch applied");
+        tracing::debug!(events = records, write_bytes = report.write_bytes, "batch applied");
         self.commit_to_kafka(&report.next_offsets);
         Ok(())
     }

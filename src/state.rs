@@ -144,8 +144,9 @@ pub enum StateError {
 /// Where an event came from: its Kafka coordinates.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct SourcePosition {
-    /// Topic name.
-    pub topic: String,
+    /// Topic name, shared: every record of a batch carries its topic, and a reference count
+    /// costs less than a string per record.
+    pub topic: std::sync::Arc<str>,
     /// Partition number.
     pub partition: i32,
     /// Offset of the message.
@@ -236,7 +237,7 @@ type EncodedProduct = ([u8; CONTENT_HASH_BYTES], Vec<u8>);
 /// product without parsing it.
 fn encode_product_value(content: &ProductContent, updated_by: &SourcePosition) -> EncodedProduct {
     let (content_json, hash) = canonical_content(content);
-    let position_json = serde_json::to_vec(updated_by).expect("SourcePosition serialises");
+    let position_json = sonic_rs::to_vec(updated_by).expect("SourcePosition serialises");
     let mut value = Vec::with_capacity(CONTENT_HASH_BYTES + content_json.len() + position_json.len() + 28);
     value.extend_from_slice(&hash);
     value.extend_from_slice(br#"{"content":"#);
@@ -353,34 +354,18 @@ pub struct JudgementKey {
 }
 
 /// Encodes a judgement key so that all products of one (locale, query) are adjacent:
-/// `u16 BE len(locale) ‖ locale ‖ u16 BE len(query) ‖ query ‖ product_id`.
+/// `u16 BE len(locale) ‖ locale ‖ u16 BE len(query) ‖ query ‖ product_id`
+/// ([`crate::events::encode_judgement_pair`], the layout a decoded [`QueryEvent`] keeps its
+/// texts in, so a query record's key is [`QueryEvent::pair_key`]).
 pub fn judgement_key(locale: &str, query: &str, product_id: &str) -> Vec<u8> {
-    debug_assert!(locale.len() <= u16::MAX as usize && query.len() <= u16::MAX as usize);
-    let mut key = Vec::with_capacity(4 + locale.len() + query.len() + product_id.len());
-    key.extend_from_slice(&(locale.len() as u16).to_be_bytes());
-    key.extend_from_slice(locale.as_bytes());
-    key.extend_from_slice(&(query.len() as u16).to_be_bytes());
-    key.extend_from_slice(query.as_bytes());
-    key.extend_from_slice(product_id.as_bytes());
-    key
+    crate::events::encode_judgement_pair(locale, query, product_id)
 }
 
 /// Decodes [`judgement_key`].
 pub fn decode_judgement_key(key: &[u8]) -> Result<JudgementKey, StateError> {
-    let corrupt = || StateError::Corrupt { column_family: JUDGEMENTS_CF, detail: format!("key {key:02x?}") };
-    let take_prefixed = |bytes: &[u8]| -> Option<(String, usize)> {
-        let length = u16::from_be_bytes(bytes.get(0..2)?.try_into().ok()?) as usize;
-        let text = std::str::from_utf8(bytes.get(2..2 + length)?).ok()?;
-        Some((text.to_owned(), 2 + length))
-    };
-    let (locale, locale_end) = take_prefixed(key).ok_or_else(corrupt)?;
-    let (query, query_length) = take_prefixed(&key[locale_end..]).ok_or_else(corrupt)?;
-    let product_id = std::str::from_utf8(&key[locale_end + query_length..]).map_err(|_| corrupt())?.to_owned();
-    Ok(JudgementKey { locale, query, product_id })
-}
-
-fn query_event_key(event: &QueryEvent) -> Vec<u8> {
-    judgement_key(event.locale.as_deref().unwrap_or(""), &event.query, &event.product_id)
+    let (locale, query, product_id) = crate::events::split_judgement_pair(key)
+        .ok_or_else(|| StateError::Corrupt { column_family: JUDGEMENTS_CF, detail: format!("key {key:02x?}") })?;
+    Ok(JudgementKey { locale: locale.to_owned(), query: query.to_owned(), product_id: product_id.to_owned() })
 }
 
 /// Encodes an offsets key: `topic ‖ 0x00 ‖ partition as i32 BE`.
@@ -409,9 +394,13 @@ pub fn content_hash(content: &ProductContent) -> String {
 }
 
 /// The canonical content JSON and its raw SHA-256, shared by [`content_hash`] and the stored
-/// value's prefix so the two can never disagree.
+/// value's prefix so the two can never disagree. Written by sonic-rs, whose compact output is
+/// byte for byte serde_json's (same field order, same string escapes: `\"`, `\\`, the short
+/// forms `\b \t \n \f \r` and `\u00xx` for other control characters, nothing else escaped),
+/// at about a third of serde_json's cost; stored hashes therefore stay valid, which
+/// `canonical_content_is_serde_jsons_compact_output` and a pinned hash check.
 fn canonical_content(content: &ProductContent) -> (Vec<u8>, [u8; CONTENT_HASH_BYTES]) {
-    let content_json = serde_json::to_vec(content).expect("ProductContent serialises");
+    let content_json = sonic_rs::to_vec(content).expect("ProductContent serialises");
     let hash = Sha256::digest(&content_json).into();
     (content_json, hash)
 }
@@ -482,10 +471,47 @@ impl ApplyOutcome {
 pub struct BatchReport {
     /// Outcome per record, in input order.
     pub outcomes: Vec<ApplyOutcome>,
+    /// The outcomes counted by topic, and the dead letters by topic and reason.
+    pub counts: OutcomeCounts,
     /// Size of the RocksDB write batch, in bytes (0 when nothing was written).
     pub write_bytes: usize,
     /// Next offset per (topic, partition) after the batch, for the partitions it touched.
     pub next_offsets: BTreeMap<(String, i32), i64>,
+}
+
+/// A batch's records counted by topic and outcome, and its dead letters (duplicates excluded)
+/// by topic and reason; a handful of entries per batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutcomeCounts {
+    /// (topic, outcome, records).
+    pub by_outcome: Vec<(std::sync::Arc<str>, ApplyOutcome, u64)>,
+    /// (topic, reason, dead-lettered records).
+    pub dead_letters: Vec<(std::sync::Arc<str>, DeadLetterReason, u64)>,
+}
+
+impl OutcomeCounts {
+    fn of(records: &[SourcedRecord], outcomes: &[ApplyOutcome]) -> Self {
+        debug_assert_eq!(records.len(), outcomes.len(), "one outcome per record");
+        let mut counts = Self::default();
+        for (record, &outcome) in records.iter().zip(outcomes) {
+            let topic = &record.position.topic;
+            increment(&mut counts.by_outcome, topic, outcome);
+            if let (ApplyOutcome::DeadLettered, DecodedRecord::DeadLetter(reason)) = (outcome, &record.record) {
+                increment(&mut counts.dead_letters, topic, *reason);
+            }
+        }
+        counts
+    }
+}
+
+/// Adds one to the `(topic, label)` entry: a linear scan of a handful of entries, whose topics
+/// are usually the very `Arc`s the records share.
+fn increment<Label: Copy + PartialEq>(entries: &mut Vec<(std::sync::Arc<str>, Label, u64)>, topic: &std::sync::Arc<str>, label: Label) {
+    let same_topic = |entry_topic: &std::sync::Arc<str>| std::sync::Arc::ptr_eq(entry_topic, topic) || entry_topic == topic;
+    match entries.iter_mut().find(|(entry_topic, entry_label, _)| *entry_label == label && same_topic(entry_topic)) {
+        Some((_, _, count)) => *count += 1,
+        None => entries.push((std::sync::Arc::clone(topic), label, 1)),
+    }
 }
 
 /// Counts kept in `meta`, updated in the same write batch as the data they count.
@@ -1236,38 +1262,28 @@ impl StateStore {
         match &duplicates {
             None => {
                 for span in &batch.partitions {
-                    next_offsets.insert((span.topic.clone(), span.partition), span.next_offset);
+                    next_offsets.insert((span.topic.to_string(), span.partition), span.next_offset);
                 }
             }
             Some(mask) => {
                 for (sourced, _) in records.iter().zip(mask).filter(|(_, duplicate)| !**duplicate) {
                     let position = &sourced.position;
-                    let next = next_offsets.entry((position.topic.clone(), position.partition)).or_insert(0);
+                    let next = next_offsets.entry((position.topic.to_string(), position.partition)).or_insert(0);
                     *next = (*next).max(position.offset + 1);
                 }
             }
         }
+        let counts = OutcomeCounts::of(records, &outcomes);
         if next_offsets.is_empty() {
-            return Ok(BatchReport { outcomes, write_bytes: 0, next_offsets });
+            return Ok(BatchReport { outcomes, counts, write_bytes: 0, next_offsets });
         }
-        // Per-batch tallies, turned into `meta` counter updates once at the end.
-        let mut event_tallies: FxHashMap<(&str, ApplyOutcome), i64> = FxHashMap::default();
-        let mut dead_letter_tallies: FxHashMap<DeadLetterReason, i64> = FxHashMap::default();
-        for (sourced, outcome) in records.iter().zip(&outcomes) {
-            if *outcome == ApplyOutcome::Duplicate {
-                continue;
-            }
-            *event_tallies.entry((sourced.position.topic.as_str(), *outcome)).or_insert(0) += 1;
-            if let DecodedRecord::DeadLetter(reason) = &sourced.record {
-                *dead_letter_tallies.entry(*reason).or_insert(0) += 1;
-            }
-        }
+        // The batch's tallies become `meta` counter updates; duplicates were counted before.
         let mut counter_deltas: BTreeMap<String, i64> = BTreeMap::new();
-        for ((topic, outcome), count) in event_tallies {
-            *counter_deltas.entry(format!("{EVENT_COUNT_PREFIX}{topic}/{}", outcome.as_str())).or_insert(0) += count;
+        for (topic, outcome, count) in counts.by_outcome.iter().filter(|(_, outcome, _)| *outcome != ApplyOutcome::Duplicate) {
+            *counter_deltas.entry(format!("{EVENT_COUNT_PREFIX}{topic}/{}", outcome.as_str())).or_insert(0) += *count as i64;
         }
-        for (reason, count) in dead_letter_tallies {
-            *counter_deltas.entry(format!("{DEAD_LETTER_COUNT_PREFIX}{reason}")).or_insert(0) += count;
+        for (_, reason, count) in &counts.dead_letters {
+            *counter_deltas.entry(format!("{DEAD_LETTER_COUNT_PREFIX}{reason}")).or_insert(0) += *count as i64;
         }
         for (name, delta) in [(PRODUCT_COUNT_KEY, write.product_delta), (JUDGEMENT_PAIR_COUNT_KEY, write.new_judgement_pairs)] {
             if delta != 0 {
@@ -1275,7 +1291,7 @@ impl StateStore {
             }
         }
         let write_bytes = self.commit_batch_write(write, &counter_deltas, &next_offsets)?;
-        Ok(BatchReport { outcomes, write_bytes, next_offsets })
+        Ok(BatchReport { outcomes, counts, write_bytes, next_offsets })
     }
 
     /// Which records of `batch` were applied before (offset below their partition's stored next
@@ -1286,7 +1302,7 @@ impl StateStore {
         for span in &batch.partitions {
             if let Some(next) = self.next_offset(&span.topic, span.partition)? {
                 any_duplicate |= span.first_offset < next;
-                stored_next.insert((span.topic.as_str(), span.partition), next);
+                stored_next.insert((&*span.topic, span.partition), next);
             }
         }
         if !any_duplicate {
@@ -1297,7 +1313,7 @@ impl StateStore {
             .iter()
             .map(|sourced| {
                 let position = &sourced.position;
-                stored_next.get(&(position.topic.as_str(), position.partition)).is_some_and(|next| position.offset < *next)
+                stored_next.get(&(&*position.topic, position.partition)).is_some_and(|next| position.offset < *next)
             })
             .collect();
         Ok(Some(mask))
@@ -1389,19 +1405,19 @@ impl StateStore {
         mapping: &RelevanceMapping,
         write: &mut BatchWrite<'batch>,
     ) -> Result<(), StateError> {
-        let groups: Vec<&[(Vec<u8>, u32)]> = batch
+        let groups: Vec<&[u32]> = batch
             .judgement_order
-            .chunk_by(|left, right| left.0 == right.0)
-            .filter(|group| group.iter().any(|(_, index)| !is_duplicate(*index)))
+            .chunk_by(|left, right| batch.pair_key(*left) == batch.pair_key(*right))
+            .filter(|group| group.iter().any(|index| !is_duplicate(*index)))
             .collect();
         if groups.is_empty() {
             return Ok(());
         }
         let column_family = self.column_family(JUDGEMENTS_CF);
-        let keys: Vec<&[u8]> = groups.iter().map(|group| group[0].0.as_slice()).collect();
+        let keys: Vec<&[u8]> = groups.iter().map(|group| batch.pair_key(group[0])).collect();
         let stored = self.database.batched_multi_get_cf(column_family, keys.iter().copied(), true);
         write.judgements.reserve(groups.len());
-        for (group, stored) in groups.into_iter().zip(stored) {
+        for ((group, key), stored) in groups.into_iter().zip(keys).zip(stored) {
             let stored = stored.map_err(|error| self.rocks_error(error))?;
             let mut aggregate = match stored {
                 Some(bytes) => JudgementAggregate::decode(&bytes)?,
@@ -1410,13 +1426,13 @@ impl StateStore {
                     JudgementAggregate::default()
                 }
             };
-            for (_, index) in group.iter().filter(|(_, index)| !is_duplicate(*index)) {
+            for index in group.iter().filter(|index| !is_duplicate(**index)) {
                 let DecodedRecord::Query(event) = &batch.records[*index as usize].record else {
                     unreachable!("judgement_order holds query records only");
                 };
                 aggregate.record(event.signal, mapping);
             }
-            write.judgements.push((group[0].0.as_slice(), aggregate.encode()));
+            write.judgements.push((key, aggregate.encode()));
         }
         Ok(())
     }
@@ -1498,7 +1514,7 @@ impl StateStore {
 /// One partition's offsets within a prepared batch.
 #[derive(Debug, Clone)]
 struct PartitionSpan {
-    topic: String,
+    topic: std::sync::Arc<str>,
     partition: i32,
     /// Lowest offset of the batch in this partition.
     first_offset: i64,
@@ -1518,8 +1534,8 @@ pub struct PreparedBatch {
     product_values: Vec<Option<EncodedProduct>>,
     /// Indices of the product records, by product id, then batch order.
     product_order: Vec<u32>,
-    /// (judgement key, record index) of every query record, by key, then batch order.
-    judgement_order: Vec<(Vec<u8>, u32)>,
+    /// Indices of the query records, by judgement key, then batch order.
+    judgement_order: Vec<u32>,
     partitions: Vec<PartitionSpan>,
 }
 
@@ -1554,8 +1570,8 @@ impl PreparedBatch {
                         ProductEvent::Delete { .. } => None,
                     }
                 }
-                DecodedRecord::Query(event) => {
-                    judgement_order.push((query_event_key(event), index as u32));
+                DecodedRecord::Query(_) => {
+                    judgement_order.push(index as u32);
                     None
                 }
                 DecodedRecord::DeadLetter(_) => None,
@@ -1564,7 +1580,12 @@ impl PreparedBatch {
         }
         // Stable sorts: records of one key keep their batch order.
         product_order.sort_by(|left, right| product_id_of(&records, *left).cmp(product_id_of(&records, *right)));
-        judgement_order.sort_by(|left, right| left.0.cmp(&right.0));
+        // Sorted with each key beside its index: comparing through `records` costs a cache miss
+        // per comparison.
+        let mut keyed: Vec<(&[u8], u32)> = judgement_order.iter().map(|index| (pair_key_of(&records, *index), *index)).collect();
+        keyed.sort_by(|left, right| left.0.cmp(right.0));
+        judgement_order.clear();
+        judgement_order.extend(keyed.into_iter().map(|(_, index)| index));
         Self { records, product_values, product_order, judgement_order, partitions }
     }
 
@@ -1580,6 +1601,17 @@ impl PreparedBatch {
 
     fn product_id(&self, index: u32) -> &str {
         product_id_of(&self.records, index)
+    }
+
+    fn pair_key(&self, index: u32) -> &[u8] {
+        pair_key_of(&self.records, index)
+    }
+}
+
+fn pair_key_of(records: &[SourcedRecord], index: u32) -> &[u8] {
+    match &records[index as usize].record {
+        DecodedRecord::Query(event) => event.pair_key(),
+        _ => unreachable!("judgement_order holds query records only"),
     }
 }
 
@@ -1679,6 +1711,33 @@ mod tests {
         assert!(decode_product_value(&value[..10]).is_err());
     }
 
+    /// Content hashes are stored with every product and key the embedding cache: the canonical
+    /// JSON must never change bytes. It must equal serde_json's compact output (the serializer
+    /// the hashes were first computed with) for every character class JSON escapes, and a fixed
+    /// product must keep its hash.
+    #[test]
+    fn canonical_content_is_serde_jsons_compact_output() {
+        let every_control_character: String = (0u8..0x20).map(char::from).collect();
+        let mut content = ProductContent::with_title(format!("quote \" backslash \\ slash / {every_control_character} del \u{7f}"));
+        content.locale = Some("jp".into());
+        content.description = Some("<p>é ü 日本語 🍳 \u{2028} \u{2029} \u{feff}</p>".into());
+        content.bullet_points = vec!["".into(), "tab\there".into(), "x".repeat(300)];
+        content.brand = Some("Ünïcode".into());
+        content.color = Some("red".into());
+        content.category = Some("Home > Kitchen".into());
+        content.attributes = BTreeMap::from([("size".into(), "12\"".into()), ("a\u{1}".into(), "\\".into())]);
+        let (canonical, hash) = canonical_content(&content);
+        assert_eq!(String::from_utf8(canonical.clone()).unwrap(), serde_json::to_string(&content).unwrap());
+        assert_eq!(hash, <[u8; CONTENT_HASH_BYTES]>::from(Sha256::digest(serde_json::to_vec(&content).unwrap())));
+        let position = position("products", 7);
+        let (_, value) = encode_product_value(&content, &position);
+        assert_eq!(decode_product_value(&value).unwrap().updated_by, position);
+
+        let mut pinned = ProductContent::with_title("Cast iron pan, 12\"");
+        pinned.attributes.insert("material".into(), "iron".into());
+        assert_eq!(content_hash(&pinned), "6afa92c857b4907df41003357b1dc1b292fe7a6548c59822d190700420cc6ef3");
+    }
+
     #[test]
     fn cumulative_write_stall_is_read_from_the_db_stats() {
         let stats = "** DB Stats **\nUptime(secs): 12.0 total, 2.0 interval\nCumulative stall: 00:01:02.500 H:M:S, 3.1 percent\nInterval stall: 00:00:0.000 H:M:S, 0.0 percent\n";
@@ -1743,7 +1802,7 @@ mod tests {
     fn signal(query: &str, product_id: &str, signal: QuerySignal, partition: i32, offset: i64) -> SourcedRecord {
         SourcedRecord {
             position: SourcePosition { topic: "query-events".into(), partition, offset },
-            record: DecodedRecord::Query(QueryEvent { query: query.into(), locale: Some("us".into()), product_id: product_id.into(), signal }),
+            record: DecodedRecord::Query(QueryEvent::new(query, Some("us"), product_id, signal)),
         }
     }
 
@@ -1796,6 +1855,11 @@ mod tests {
         assert_eq!(report.outcomes, outcomes);
         use ApplyOutcome::{Applied, DeadLettered, Unchanged};
         assert_eq!(outcomes, [Applied, Applied, Applied, Applied, Applied, Applied, Unchanged, Applied, Applied, Unchanged, Applied, DeadLettered, Applied, Applied]);
+        let counted = |topic: &str, outcome| report.counts.by_outcome.iter().find(|entry| &*entry.0 == topic && entry.1 == outcome).map(|entry| entry.2);
+        assert_eq!((counted("products", Applied), counted("products", Unchanged), counted("products", DeadLettered)), (Some(6), Some(2), Some(1)));
+        assert_eq!(counted("query-events", Applied), Some(5));
+        assert_eq!(report.counts.by_outcome.len(), 4, "{:?}", report.counts);
+        assert_eq!(report.counts.dead_letters, [("products".into(), DeadLetterReason::InvalidJson, 1)]);
         assert_eq!(snapshot(&batched), snapshot(&one_by_one));
         let (products, judgements, counts, embedding_queue, docid_queue) = snapshot(&batched);
         assert!(docid_queue.is_empty(), "new products queue for a DocID only once their vector is stored: {docid_queue:?}");
