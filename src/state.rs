@@ -46,15 +46,17 @@ const POINT_LOOKUP_COLUMN_FAMILIES: [&str; 3] = [PRODUCTS_CF, JUDGEMENTS_CF, DOC
 /// Share of a memtable's size given to its bloom filter (RocksDB's
 /// `memtable_prefix_bloom_size_ratio`).
 const MEMTABLE_BLOOM_RATIO: f64 = 0.02;
-/// Column families whose memtable is a hash table of linked lists (RocksDB `HashLinkList`, with
-/// the whole key as its "prefix") instead of a skiplist, with the memtable bytes per hash bucket.
-/// They take one insert per ingested event and are otherwise read by key; a skiplist insert into
-/// a 64 MiB memtable is a walk of cache misses, which made the state writer the pipeline's
-/// costliest thread (README "Benchmark → Ingest"). The price: a full scan of one of them sorts
-/// its memtable first (retrain, startup and `inspect` scans only), so every scan goes through
-/// [`StateStore::scan`], which asks for total order. Buckets: a judgement entry takes ~100 bytes
-/// of memtable, a product several hundred; one bucket per 64 or 256 bytes keeps chains short
-/// at the cost of 8 bytes per bucket (1/8 and 1/32 of the memtable).
+/// Column families whose memtable is, with [`MemtableKind::Hash`] (not the default), a hash table of
+/// linked lists (RocksDB `HashLinkList`, with the whole key as its "prefix") instead of a
+/// skiplist, with the memtable bytes per hash bucket. They take one insert per ingested event
+/// and are otherwise read by key; a skiplist insert into a 64 MiB memtable is a walk of cache
+/// misses, which made the state writer the pipeline's costliest thread. The price: the memtable
+/// is sorted when it is flushed, which costs more than the inserts save (README "Benchmark →
+/// Ingest → Hash or skiplist memtables"), and a full scan sorts it too (retrain, startup and
+/// `inspect` scans only), so every scan goes through [`StateStore::scan`], which asks for total
+/// order. Buckets: a judgement entry takes ~100 bytes of memtable, a product several hundred;
+/// one bucket per 64 or 256 bytes keeps chains short at the cost of 8 bytes per bucket (1/8 and
+/// 1/32 of the memtable).
 const HASH_MEMTABLE_BYTES_PER_BUCKET: [(&str, usize); 2] = [(JUDGEMENTS_CF, 64), (PRODUCTS_CF, 256)];
 /// RocksDB's default `write_buffer_size` (64 MiB), which this store keeps.
 const WRITE_BUFFER_BYTES: usize = 64 * 1024 * 1024;
@@ -555,12 +557,32 @@ pub struct StateOptions {
     pub sync_writes: bool,
     /// RocksDB block cache size in MiB, shared by all column families.
     pub block_cache_mib: usize,
+    /// Memtable of the `products` and `judgements` column families (see [`MemtableKind`]).
+    pub memtable: MemtableKind,
 }
 
 impl Default for StateOptions {
     fn default() -> Self {
-        Self { sync_writes: false, block_cache_mib: 256 }
+        Self { sync_writes: false, block_cache_mib: 256, memtable: MemtableKind::Skiplist }
     }
+}
+
+/// How the `products` and `judgements` column families keep unflushed writes: they take one
+/// insert per ingested event and are otherwise read by key. Either way the same data is stored;
+/// the choice moves CPU between the state writer and RocksDB's background flush (README
+/// "Benchmark → Ingest → Hash or skiplist memtables").
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MemtableKind {
+    /// RocksDB's default skiplist (the default here too): dearer inserts on the state writer, no
+    /// sort at flush; less CPU in all, so best where every core is busy.
+    Skiplist,
+    /// RocksDB `HashLinkList` hash tables (the whole key as the prefix): an insert costs the
+    /// state writer about half a skiplist insert, but the memtable is sorted when it is flushed
+    /// (and for each full scan), which costs more than the inserts save. Worth it where the
+    /// state writer, the pipeline's serial stage, is the limit and a core is free for the
+    /// background flush.
+    Hash,
 }
 
 /// The RocksDB-backed state of one indexer.
@@ -608,7 +630,8 @@ impl StateStore {
                 column_options.set_memtable_prefix_bloom_ratio(MEMTABLE_BLOOM_RATIO);
                 column_options.set_memtable_whole_key_filtering(true);
             }
-            if let Some((_, bytes_per_bucket)) = HASH_MEMTABLE_BYTES_PER_BUCKET.iter().find(|(hashed, _)| hashed == name) {
+            let hashed_memtable = HASH_MEMTABLE_BYTES_PER_BUCKET.iter().find(|(hashed, _)| hashed == name);
+            if let (Some((_, bytes_per_bucket)), MemtableKind::Hash) = (hashed_memtable, options.memtable) {
                 column_options.set_write_buffer_size(WRITE_BUFFER_BYTES);
                 column_options.set_prefix_extractor(rocksdb::SliceTransform::create_noop());
                 column_options.set_memtable_factory(rocksdb::MemtableFactory::HashLinkList { bucket_count: WRITE_BUFFER_BYTES / bytes_per_bucket });
@@ -620,6 +643,14 @@ impl StateStore {
         let store = Self::from_database(database, path, options.sync_writes);
         store.check_or_write_format_version()?;
         Ok(store)
+    }
+
+    /// Flushes every column family's memtable to SST files and waits: what RocksDB does in the
+    /// background as memtables fill, done now (used by `bench stages` to charge a write's
+    /// deferred flush cost to it).
+    pub fn flush_memtables(&self) -> Result<(), StateError> {
+        let column_families: Vec<&rocksdb::ColumnFamily> = COLUMN_FAMILIES.iter().map(|name| self.column_family(name)).collect();
+        self.database.flush_cfs_opt(&column_families, &rocksdb::FlushOptions::default()).map_err(|error| self.rocks_error(error))
     }
 
     /// Opens the state read-only, alongside a running writer (used by `inspect`).
@@ -1750,25 +1781,35 @@ mod tests {
 
     #[test]
     fn hash_memtable_column_families_scan_in_key_order_across_memtable_and_files() {
-        let directory = tempfile::tempdir().unwrap();
-        let store = StateStore::open(directory.path(), &StateOptions::default()).unwrap();
         let mapping = RelevanceMapping::default();
         let click = || QuerySignal::Interaction(InteractionAction::Click);
-        // Half the keys reach an SST file, the other half stay in the (hash) memtable.
-        store.apply_batch(&[upsert("Z9", "z", 0), upsert("A1", "a", 1), signal("shoes", "Z9", click(), 0, 0), signal("boots", "A1", click(), 0, 1)], &mapping).unwrap();
-        for name in [PRODUCTS_CF, JUDGEMENTS_CF] {
-            store.database.flush_cf(store.column_family(name)).unwrap();
-        }
-        store.apply_batch(&[upsert("M5", "m", 2), upsert("B2", "b", 3), signal("shoes", "A1", click(), 0, 2), signal("art", "M5", click(), 0, 3)], &mapping).unwrap();
-        assert_eq!(store.product_ids().unwrap(), ["A1", "B2", "M5", "Z9"]);
-        let mut judged = Vec::new();
-        store.for_each_judgement(|key, _| judged.push((key.query, key.product_id))).unwrap();
-        let expected: Vec<(String, String)> =
+        let expected_judgements: Vec<(String, String)> =
             [("art", "M5"), ("boots", "A1"), ("shoes", "A1"), ("shoes", "Z9")].iter().map(|(query, product)| (query.to_string(), product.to_string())).collect();
-        assert_eq!(judged, expected);
-        // Point reads see both halves.
-        assert!(store.product("Z9").unwrap().is_some() && store.product("B2").unwrap().is_some());
-        assert!(store.judgement("us", "shoes", "Z9").unwrap().is_some() && store.judgement("us", "art", "M5").unwrap().is_some());
+        let check = |store: &StateStore| {
+            assert_eq!(store.product_ids().unwrap(), ["A1", "B2", "M5", "Z9"]);
+            let mut judged = Vec::new();
+            store.for_each_judgement(|key, _| judged.push((key.query, key.product_id))).unwrap();
+            assert_eq!(judged, expected_judgements);
+            // Point reads see both halves.
+            assert!(store.product("Z9").unwrap().is_some() && store.product("B2").unwrap().is_some());
+            assert!(store.judgement("us", "shoes", "Z9").unwrap().is_some() && store.judgement("us", "art", "M5").unwrap().is_some());
+        };
+        for (kind, other_kind) in [(MemtableKind::Hash, MemtableKind::Skiplist), (MemtableKind::Skiplist, MemtableKind::Hash)] {
+            let directory = tempfile::tempdir().unwrap();
+            let options = StateOptions { memtable: kind, ..StateOptions::default() };
+            let store = StateStore::open(directory.path(), &options).unwrap();
+            // Half the keys reach an SST file, the other half stay in the memtable.
+            store.apply_batch(&[upsert("Z9", "z", 0), upsert("A1", "a", 1), signal("shoes", "Z9", click(), 0, 0), signal("boots", "A1", click(), 0, 1)], &mapping).unwrap();
+            for name in [PRODUCTS_CF, JUDGEMENTS_CF] {
+                store.database.flush_cf(store.column_family(name)).unwrap();
+            }
+            store.apply_batch(&[upsert("M5", "m", 2), upsert("B2", "b", 3), signal("shoes", "A1", click(), 0, 2), signal("art", "M5", click(), 0, 3)], &mapping).unwrap();
+            check(&store);
+            // The memtable kind is a per-open choice: the directory opens with the other one.
+            drop(store);
+            let reopened = StateStore::open(directory.path(), &StateOptions { memtable: other_kind, ..StateOptions::default() }).unwrap();
+            check(&reopened);
+        }
     }
 
     #[test]
