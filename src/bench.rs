@@ -253,6 +253,20 @@ pub struct StageBenchArgs {
 /// Passes over the catalog for the stages [`stage_benchmark`] can repeat (decoding, preparing).
 const STAGE_PASSES: usize = 5;
 
+/// Runs `pass` `passes` times and returns the last pass's output with the fastest pass's time.
+/// Each pass's output is dropped before the next pass starts, so later passes reuse the memory
+/// the first one faulted in (a running indexer has long paid for those page faults).
+fn fastest_of_passes<T>(passes: usize, mut pass: impl FnMut() -> anyhow::Result<(T, Duration)>) -> anyhow::Result<(T, Duration)> {
+    debug_assert!(passes >= 1, "at least one pass");
+    let (mut output, mut fastest) = pass()?;
+    for _ in 1..passes {
+        drop(output);
+        let (next, took) = pass()?;
+        (output, fastest) = (next, fastest.min(took));
+    }
+    Ok((output, fastest))
+}
+
 /// Times each ingest stage in isolation on the synthetic catalog, so a change to one stage can
 /// be measured without Kafka: decode + validate per topic, then per topic in batches of
 /// `batch.max_events` into a fresh state directory the writer side's two stages,
@@ -261,30 +275,26 @@ pub fn stage_benchmark(config: &Config, arguments: &StageBenchArgs) -> anyhow::R
     let spec = SyntheticCatalogSpec { products: arguments.products, queries: arguments.queries, judgements_per_query: 4, seed: 7, churn_fraction: 0.0 };
     let catalog = SyntheticCatalog::generate(&spec);
     let limits = &config.validation;
-    let per_event = |started: Instant, events: usize| started.elapsed().as_nanos() as f64 / events.max(1) as f64;
+    let per_event = |total: Duration, events: usize| total.as_nanos() as f64 / events.max(1) as f64;
 
     // Decoding is timed over several passes and the fastest kept: the first pass also pays for
     // page faults on fresh allocator pages, which a running indexer has long paid.
-    let mut decode_product_ns = f64::INFINITY;
-    let mut products = Vec::new();
-    for _ in 0..STAGE_PASSES {
-        drop(std::mem::take(&mut products));
+    let (products, decode_product_time) = fastest_of_passes(STAGE_PASSES, || {
         let started = Instant::now();
-        products = catalog
+        let products = catalog
             .product_events
             .iter()
             .map(|(product_id, payload)| decode_product_event(Some(product_id.as_bytes()), payload.as_deref(), limits))
             .collect::<Result<Vec<_>, _>>()?;
-        decode_product_ns = decode_product_ns.min(per_event(started, products.len()));
-    }
-    let mut decode_query_ns = f64::INFINITY;
-    let mut queries = Vec::new();
-    for _ in 0..STAGE_PASSES {
-        drop(std::mem::take(&mut queries));
+        Ok((products, started.elapsed()))
+    })?;
+    let decode_product_ns = per_event(decode_product_time, products.len());
+    let (queries, decode_query_time) = fastest_of_passes(STAGE_PASSES, || {
         let started = Instant::now();
-        queries = catalog.query_events.iter().map(|(_, payload)| decode_query_event(Some(payload), limits)).collect::<Result<Vec<_>, _>>()?;
-        decode_query_ns = decode_query_ns.min(per_event(started, queries.len()));
-    }
+        let queries = catalog.query_events.iter().map(|(_, payload)| decode_query_event(Some(payload), limits)).collect::<Result<Vec<_>, _>>()?;
+        Ok((queries, started.elapsed()))
+    })?;
+    let decode_query_ns = per_event(decode_query_time, queries.len());
 
     let work_dir = tempfile::Builder::new().prefix("merge-indexer-stages-").tempdir()?;
     let state = StateStore::open(work_dir.path(), &config.state)?;
@@ -306,9 +316,7 @@ pub fn stage_benchmark(config: &Config, arguments: &StageBenchArgs) -> anyhow::R
     // effect, so it is timed over several passes (the fastest kept, as for decoding); applying
     // changes the state, so the last pass is applied, once.
     let prepare_and_apply = |records: &[SourcedRecord]| -> anyhow::Result<(f64, f64)> {
-        let per_event = |total: Duration| total.as_nanos() as f64 / records.len().max(1) as f64;
-        let mut preparing = Duration::MAX;
-        for _ in 1..STAGE_PASSES {
+        let ((), preparing) = fastest_of_passes(STAGE_PASSES - 1, || {
             let mut pass = Duration::ZERO;
             for batch in records.chunks(batch_size) {
                 let batch = batch.to_vec();
@@ -317,8 +325,8 @@ pub fn stage_benchmark(config: &Config, arguments: &StageBenchArgs) -> anyhow::R
                 pass += started.elapsed();
                 drop(prepared);
             }
-            preparing = preparing.min(pass);
-        }
+            Ok(((), pass))
+        })?;
         let (mut last_pass, mut applying) = (Duration::ZERO, Duration::ZERO);
         for batch in records.chunks(batch_size) {
             let batch = batch.to_vec();
@@ -329,7 +337,7 @@ pub fn stage_benchmark(config: &Config, arguments: &StageBenchArgs) -> anyhow::R
             applying += prepared_at.elapsed();
             last_pass += prepared_at - started;
         }
-        Ok((per_event(preparing.min(last_pass)), per_event(applying)))
+        Ok((per_event(preparing.min(last_pass), records.len()), per_event(applying, records.len())))
     };
     // Every write is flushed to an SST file once, in the background, when its memtable fills;
     // timing a flush right after each topic's writes charges that deferred cost to them (it
@@ -337,7 +345,7 @@ pub fn stage_benchmark(config: &Config, arguments: &StageBenchArgs) -> anyhow::R
     let flush = |records: &[SourcedRecord]| -> anyhow::Result<f64> {
         let started = Instant::now();
         state.flush_memtables()?;
-        Ok(per_event(started, records.len()))
+        Ok(per_event(started.elapsed(), records.len()))
     };
     let (prepare_product_ns, apply_product_ns) = prepare_and_apply(&product_records)?;
     let flush_product_ns = flush(&product_records)?;

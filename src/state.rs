@@ -1800,9 +1800,7 @@ mod tests {
             let store = StateStore::open(directory.path(), &options).unwrap();
             // Half the keys reach an SST file, the other half stay in the memtable.
             store.apply_batch(&[upsert("Z9", "z", 0), upsert("A1", "a", 1), signal("shoes", "Z9", click(), 0, 0), signal("boots", "A1", click(), 0, 1)], &mapping).unwrap();
-            for name in [PRODUCTS_CF, JUDGEMENTS_CF] {
-                store.database.flush_cf(store.column_family(name)).unwrap();
-            }
+            store.flush_memtables().unwrap();
             store.apply_batch(&[upsert("M5", "m", 2), upsert("B2", "b", 3), signal("shoes", "A1", click(), 0, 2), signal("art", "M5", click(), 0, 3)], &mapping).unwrap();
             check(&store);
             // The memtable kind is a per-open choice: the directory opens with the other one.
