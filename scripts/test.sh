@@ -4,14 +4,29 @@
 # Real-data tests read ../shared/data/esci and ../shared/data/esci-graded (or
 # $MERGE_INDEXER_ESCI_DIR / $MERGE_INDEXER_ESCI_GRADED_DIR) and skip with a message if absent;
 # the MiniLM tests skip with a message if the model could not be fetched.
+# `scripts/test.sh --build-only` compiles the same test binaries and runs nothing (CI builds them
+# while its Kafka-compatible test broker compiles, then runs this script without the flag).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+build_only=false
+case "${1:-}" in
+  "") ;;
+  --build-only) build_only=true ;;
+  *) echo "usage: scripts/test.sh [--build-only]" >&2; exit 2 ;;
+esac
 scripts/ensure-deps.sh
-if ! scripts/fetch-minilm.sh; then
+# One suite: `cargo test` with these arguments, or its build alone.
+suite() {
+  if $build_only; then
+    cargo test --locked --no-run "$@"
+  else
+    cargo test --locked "$@" -- --test-threads=2
+  fi
+}
+if ! $build_only && ! scripts/fetch-minilm.sh; then
   echo "warning: all-MiniLM-L6-v2 could not be fetched; the MiniLM tests will be skipped" >&2
 fi
-cargo test --locked -- --test-threads=2
+suite
 # The model code again on burn's Flex CPU backend (the `flex` feature): the unit tests, the DocID
 # tests and the MiniLM parity test.
-cargo test --locked --features flex --lib --test docids --test docid_assignment --test train_docids \
-  --test minilm_reference -- --test-threads=2
+suite --features flex --lib --test docids --test docid_assignment --test train_docids --test minilm_reference

@@ -40,6 +40,10 @@ pub const EMBEDDING_QUEUE_CF: &str = "embedding_queue";
 pub const COLUMN_FAMILIES: [&str; 9] =
     [PRODUCTS_CF, JUDGEMENTS_CF, OFFSETS_CF, META_CF, DOCIDS_CF, DOCID_REVERSE_CF, EMBEDDINGS_CF, EMBEDDING_QUEUE_CF, DOCID_QUEUE_CF];
 
+/// Column families every state directory has had since its first format; the readers of these
+/// assume them, so [`StateStore::open_read_only`] refuses a directory without one.
+const BASE_COLUMN_FAMILIES: [&str; 4] = [PRODUCTS_CF, JUDGEMENTS_CF, OFFSETS_CF, META_CF];
+
 /// Column families read by point lookups on the ingest and DocID paths; their memtables carry a
 /// whole-key bloom filter.
 const POINT_LOOKUP_COLUMN_FAMILIES: [&str; 3] = [PRODUCTS_CF, JUDGEMENTS_CF, DOCIDS_CF];
@@ -129,6 +133,15 @@ pub enum StateError {
         column_family: &'static str,
         /// What is wrong with it.
         detail: String,
+    },
+    /// A read-only open found a directory without one of the column families every state has:
+    /// not a state directory, or one whose writer is creating it at this moment.
+    #[error("state in {path} has no `{column_family}` column family: not a merge-indexer state directory, or its writer is still creating it")]
+    MissingColumnFamily {
+        /// The state directory.
+        path: PathBuf,
+        /// The column family not found.
+        column_family: &'static str,
     },
     /// A DocID map that would not be one-to-one.
     #[error("DocID map is not a bijection: {0} appears twice")]
@@ -654,9 +667,17 @@ impl StateStore {
     }
 
     /// Opens the state read-only, alongside a running writer (used by `inspect`).
+    ///
+    /// The column families every state has had since its first format ([`BASE_COLUMN_FAMILIES`])
+    /// must be there; one missing is a [`StateError::MissingColumnFamily`] (a writer creates them
+    /// one by one right after creating the directory, so a reader can catch it in between). A
+    /// directory written before a later column family existed opens without it, and its readers
+    /// find it empty.
     pub fn open_read_only(path: &Path) -> Result<Self, StateError> {
-        // A directory written before a column family existed opens without it.
         let existing = DB::list_cf(&Options::default(), path).map_err(|source| StateError::Rocks { path: path.to_owned(), source })?;
+        if let Some(missing) = BASE_COLUMN_FAMILIES.iter().find(|name| !existing.iter().any(|found| found == *name)) {
+            return Err(StateError::MissingColumnFamily { path: path.to_owned(), column_family: missing });
+        }
         let present = COLUMN_FAMILIES.iter().filter(|name| existing.iter().any(|found| found == *name));
         let database = DB::open_cf_for_read_only(&Options::default(), path, present, false)
             .map_err(|source| StateError::Rocks { path: path.to_owned(), source })?;
@@ -724,8 +745,13 @@ impl StateStore {
         }
     }
 
+    /// A point read; `None` too when a read-only state lacks `column_family` (written before it
+    /// existed).
     fn get(&self, column_family: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
-        self.database.get_cf(self.column_family(column_family), key).map_err(|error| self.rocks_error(error))
+        let Some(handle) = self.try_column_family(column_family) else {
+            return Ok(None);
+        };
+        self.database.get_cf(handle, key).map_err(|error| self.rocks_error(error))
     }
 
     fn meta_counter(&self, name: &str) -> Result<Option<i64>, StateError> {
@@ -1114,7 +1140,10 @@ impl StateStore {
     /// Every (product, DocID) pair, in product order.
     pub fn docids(&self) -> Result<Vec<(String, crate::docid::DocId)>, StateError> {
         let mut pairs = Vec::new();
-        for entry in self.scan(self.column_family(DOCIDS_CF), IteratorMode::Start) {
+        let Some(forward) = self.try_column_family(DOCIDS_CF) else {
+            return Ok(pairs);
+        };
+        for entry in self.scan(forward, IteratorMode::Start) {
             let (key, value) = entry.map_err(|error| self.rocks_error(error))?;
             pairs.push((String::from_utf8_lossy(&key).into_owned(), crate::docid::DocId(value.to_vec())));
         }
@@ -1694,6 +1723,39 @@ mod tests {
             position: position("products", offset),
             record: DecodedRecord::Product(ProductEvent::Upsert { product_id: product_id.into(), content, embedding: None }),
         }
+    }
+
+    /// Creates a RocksDB directory holding only `column_families` (plus `default`), as a writer
+    /// caught between creating the directory and its column families leaves it, or an older
+    /// format without the later ones.
+    fn directory_with_column_families(path: &Path, column_families: &[&str]) {
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        DB::open_cf(&options, path, column_families).unwrap();
+    }
+
+    #[test]
+    fn read_only_open_refuses_a_directory_without_a_base_column_family_instead_of_panicking_later() {
+        let directory = tempfile::tempdir().unwrap();
+        directory_with_column_families(directory.path(), &[PRODUCTS_CF, JUDGEMENTS_CF]);
+        match StateStore::open_read_only(directory.path()) {
+            Err(StateError::MissingColumnFamily { column_family, .. }) => assert_eq!(column_family, OFFSETS_CF),
+            other => panic!("expected MissingColumnFamily, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn read_only_open_of_an_older_format_reads_its_missing_later_column_families_as_empty() {
+        let directory = tempfile::tempdir().unwrap();
+        directory_with_column_families(directory.path(), &BASE_COLUMN_FAMILIES);
+        let state = StateStore::open_read_only(directory.path()).unwrap();
+        assert!(state.stored_offsets().unwrap().is_empty());
+        assert_eq!(state.counts().unwrap().products, 0);
+        assert!(state.docids().unwrap().is_empty());
+        assert_eq!(state.docid("P1").unwrap(), None);
+        assert_eq!(state.docid_count().unwrap(), 0);
+        assert_eq!(state.docid_queue_len().unwrap(), 0);
     }
 
     #[test]
