@@ -1,28 +1,35 @@
-//! merge-indexer: a streaming incremental indexer for MERGE generative retrieval.
+//! merge-indexer: a streaming incremental indexer for MERGE generative retrieval — the library a
+//! Rust pipeline or serving layer builds on. The `merge-indexer` binary (its `cli` and `bench`
+//! modules) is a thin command line over it.
 //!
-//! Events flow `source` (Kafka consumer, micro-batches, dead letters) → `events` (decoding,
-//! validation, relevance mapping) → `state` (RocksDB, one atomic write per batch with its
-//! offsets). `metrics` names what every stage records; `config` layers defaults, a TOML file,
-//! environment and flags; `kafka` holds client set-up and the embedded broker; `synth` and
-//! `datasets` produce synthetic and real (ESCI) event streams; `cli` and `bench` are the
-//! command line. See ARCHITECTURE.md for the whole picture, including the stages to come.
+//! One module per pipeline stage, in data-flow order:
+//! - [`events`]: event types, decoding and validation, relevance levels, producer encoders;
+//! - [`ingest`]: the Kafka consumer, micro-batches, pipeline threads, dead letters, lag;
+//! - [`state`]: RocksDB (the only module that touches it): one atomic write per batch with its
+//!   offsets, the embedding and DocID queues, the DocID map, inspection;
+//! - [`encoder`]: product and query text → vectors (MiniLM in burn, hashing), the embedding workers;
+//! - [`docid`]: MERGE's RQ-VAE, losses, training, collision resolution, incremental assignment;
+//! - [`eval`]: offline retrieval metrics and the ESCI datasets;
+//! - [`service`]: the stages wired into the running indexer, and the demo.
+//!
+//! Shared by all: [`config`] (defaults, TOML, environment, flags), [`metrics`] (every metric's
+//! name), [`kafka`] (client set-up, embedded broker, producers, topic admin), [`synth`] (the
+//! synthetic catalog). See ARCHITECTURE.md for the map and the stages to come (retriever, index
+//! versions, serving).
 
 #![warn(missing_docs)]
 
-pub mod bench;
-pub mod cli;
 pub mod config;
-pub mod datasets;
 pub mod docid;
 pub mod encoder;
+pub mod eval;
 pub mod events;
+pub mod ingest;
 pub mod kafka;
 pub mod metrics;
-pub mod retrieval_metrics;
-pub mod source;
+pub mod service;
 pub mod state;
 pub mod synth;
-pub mod topics;
 
 /// Sleeps up to `duration` in slices of at most `slice`, checking `is_stopped` before each, so a
 /// worker's pause or back-off never holds up shutdown by more than one slice. Returns whether it
@@ -41,18 +48,11 @@ pub(crate) fn sleep_unless_stopped(duration: std::time::Duration, slice: std::ti
     }
 }
 
-/// The burn backend family this binary was built for (`cuda` with the `cuda` feature, `flex`
-/// with the `flex` feature, else the CPU `ndarray` backend); reported in
-/// `merge_indexer_build_info`.
+/// The burn backend family this binary was built for (`cuda` with the `cuda` feature, else burn's
+/// CPU `flex` backend); reported in `merge_indexer_build_info`.
 #[cfg(feature = "cuda")]
 pub const BACKEND_NAME: &str = "cuda";
-/// The burn backend family this binary was built for (`cuda` with the `cuda` feature, `flex`
-/// with the `flex` feature, else the CPU `ndarray` backend); reported in
-/// `merge_indexer_build_info`.
-#[cfg(all(feature = "flex", not(feature = "cuda")))]
+/// The burn backend family this binary was built for (`cuda` with the `cuda` feature, else burn's
+/// CPU `flex` backend); reported in `merge_indexer_build_info`.
+#[cfg(not(feature = "cuda"))]
 pub const BACKEND_NAME: &str = "flex";
-/// The burn backend family this binary was built for (`cuda` with the `cuda` feature, `flex`
-/// with the `flex` feature, else the CPU `ndarray` backend); reported in
-/// `merge_indexer_build_info`.
-#[cfg(not(any(feature = "cuda", feature = "flex")))]
-pub const BACKEND_NAME: &str = "ndarray";

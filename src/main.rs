@@ -2,6 +2,9 @@
 
 use clap::Parser;
 
+mod bench;
+mod cli;
+
 /// mimalloc reuses large buffers instead of unmapping them after every tensor (see Cargo.toml).
 #[global_allocator]
 static GLOBAL_ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -13,19 +16,11 @@ const MIMALLOC_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 fn main() -> anyhow::Result<()> {
     // Keep freed pages committed instead of returning them to the kernel 10 ms later: a training
     // step frees and reallocates the same large activation buffers, and re-faulting them made
-    // the kernel zero pages for 9–14 % of a step (measured; README "DocID training step").
+    // the kernel zero pages for 9–14 % of a step (measured; docs/performance-notes.md "MERGE training step").
     // `MIMALLOC_PURGE_DELAY` in the environment still decides when set.
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: sets a process-wide allocator option before any thread is spawned.
         unsafe { libmimalloc_sys::mi_option_set(MIMALLOC_OPTION_PURGE_DELAY, -1) };
-    }
-    // matrixmultiply (burn-ndarray's GEMM) starts one thread per *physical* core, while rayon
-    // (burn-ndarray's elementwise work) and PyTorch use every hardware thread: on a 1-core/2-thread
-    // machine GEMM ran on one thread (measured: the training step 15 % slower). Match them unless
-    // `MATMUL_NUM_THREADS` is set. Done first thing in `main`, before any thread exists.
-    if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
-        let hardware_threads = std::thread::available_parallelism().map(std::num::NonZeroUsize::get).unwrap_or(1);
-        std::env::set_var("MATMUL_NUM_THREADS", hardware_threads.to_string());
     }
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,librdkafka=warn")))
@@ -33,7 +28,7 @@ fn main() -> anyhow::Result<()> {
         // Logs go to stderr: stdout carries command output (`embed` vectors, JSON summaries).
         .with_writer(std::io::stderr)
         .init();
-    let cli = merge_indexer::cli::Cli::parse();
+    let cli = cli::Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(merge_indexer::cli::execute(cli))
+    runtime.block_on(cli::execute(cli))
 }

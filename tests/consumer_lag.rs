@@ -9,7 +9,7 @@ use std::sync::Arc;
 use common::*;
 use merge_indexer::events::{encode_product_upsert, ProductContent};
 use merge_indexer::kafka::OutgoingMessage;
-use merge_indexer::source::{Indexer, RunOptions};
+use merge_indexer::ingest::{Indexer, RunOptions};
 use tokio::sync::watch;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use merge_indexer::events::DeadLetterReason;
-use merge_indexer::source::{Indexer, RunOptions};
+use merge_indexer::ingest::{Indexer, RunOptions};
 use tokio::sync::watch;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,9 +109,9 @@ async fn a_batch_waits_for_its_dead_letters_and_retries_failed_deliveries() {
         message(&products, Some("OK2"), r#"{"schema_version":1,"product_id":"OK2","title":"after"}"#),
     ];
     produce(&config, &bootstrap, &messages).await;
-    // From here on the broker refuses the next 6 produce requests. The indexer's back-off starts
-    // at 100 ms and doubles, so 2 s of retries use 5 of them and the last one is refused after
-    // the restart.
+    // From here on the broker refuses the next 6 produce requests. The indexer is stopped once it
+    // has seen two of them refused (back-off 100 ms, then 200 ms), while it is retrying; the
+    // restarted indexer meets the remaining refusals and retries past them.
     let refusal = rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED;
     broker.fail_next_produce_requests(&[refusal; 6]).unwrap();
 
@@ -120,10 +120,7 @@ async fn a_batch_waits_for_its_dead_letters_and_retries_failed_deliveries() {
     let (stop, shutdown) = watch::channel(false);
     let watched = Arc::clone(&indexer);
     let stopper = tokio::spawn(async move {
-        while watched.assigned_partitions().is_empty() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        wait_until_async("two refused dead-letter deliveries", Duration::from_secs(30), || watched.dead_letter_delivery_failures() >= 2).await;
         let _ = stop.send(true);
     });
     let stopped = tokio::time::timeout(Duration::from_secs(60), indexer.run(shutdown, RunOptions::default()))

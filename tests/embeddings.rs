@@ -190,12 +190,7 @@ async fn a_precomputed_vector_of_the_wrong_dimension_is_dead_lettered() {
     assert_eq!(letters[0].payload.as_deref(), Some(wrong_payload.as_bytes()), "original bytes kept");
     assert!(letters[0].headers["detail"].contains("3 components"), "{}", letters[0].headers["detail"]);
 
-    for _ in 0..100 {
-        if state.embedding_queue_is_empty().unwrap() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_until("the embedding queue to drain", std::time::Duration::from_secs(60), || state.embedding_queue_is_empty().unwrap());
     let report = pool.stop();
     assert_eq!(report.encoded, 1, "only OTHER was encoded: RIGHT brought its vector");
     let cache_id = encoder.cache_id();

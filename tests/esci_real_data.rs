@@ -1,23 +1,19 @@
 //! Real data: the ESCI (Amazon Shopping Queries) subset in ../shared/data/esci goes through the
-//! embedded broker into state. Skipped, with a message, where the folder is absent.
+//! embedded broker into state. Skipped, with a message, where the folder is absent (fails instead
+//! under `MERGE_INDEXER_REQUIRE_TEST_INPUTS=1`, as in CI).
 
 mod common;
-
-use std::io::Write;
+mod inputs;
 
 use common::*;
-use merge_indexer::datasets::{default_esci_dir, EsciDataset, ESCI_DIR_ENV};
+use merge_indexer::eval::datasets::{default_esci_dir, EsciDataset, ESCI_DIR_ENV};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn esci_products_and_judgements_are_ingested() {
     let esci_dir = default_esci_dir();
     if !esci_dir.join("products.jsonl").exists() {
-        // Written to stderr directly so the test harness's output capture does not hide it.
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED esci_products_and_judgements_are_ingested: ESCI data not found at {} (set {ESCI_DIR_ENV} to its folder)",
-            esci_dir.display()
-        );
+        let missing = format!("ESCI data not found at {} (set {ESCI_DIR_ENV} to its folder)", esci_dir.display());
+        inputs::skip_or_fail("esci_products_and_judgements_are_ingested", &missing);
         return;
     }
     let dataset = EsciDataset::load(&esci_dir).expect("ESCI loads");

@@ -12,7 +12,7 @@ use common::*;
 use merge_indexer::config::Config;
 use merge_indexer::events::{encode_product_upsert, encode_query_event, InteractionAction, ProductContent, QuerySignal};
 use merge_indexer::kafka::OutgoingMessage;
-use merge_indexer::source::RunOptions;
+use merge_indexer::ingest::RunOptions;
 use merge_indexer::state::StateStore;
 use tokio::sync::watch;
 
@@ -95,7 +95,7 @@ async fn abrupt_stops_between_and_inside_batches_apply_each_event_once() {
     let total = (products + interactions) as i64;
     for threshold in [0.3f64, 0.5, 0.7] {
         let state = open_state(&config);
-        let indexer = merge_indexer::source::Indexer::connect(std::sync::Arc::new(config.clone()), state.clone(), &bootstrap).unwrap();
+        let indexer = merge_indexer::ingest::Indexer::connect(std::sync::Arc::new(config.clone()), state.clone(), &bootstrap).unwrap();
         let (sender, shutdown) = watch::channel(false);
         let monitor = tokio::spawn(async move {
             loop {

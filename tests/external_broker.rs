@@ -1,21 +1,21 @@
 //! End to end against a separate Kafka-compatible broker process (CI starts tansu; any Kafka
 //! works): topics created through the Admin API, a synthetic catalog with malformed events,
 //! the indexer until caught up, dead letters read back. Skipped, with a message, unless
-//! `MERGE_INDEXER_E2E_BROKERS` names the broker.
+//! `MERGE_INDEXER_E2E_BROKERS` names the broker (fails instead under
+//! `MERGE_INDEXER_REQUIRE_TEST_INPUTS=1`, as in CI).
 
 mod common;
-
-use std::io::Write;
+mod inputs;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::*;
 use merge_indexer::synth::{malformed_examples, SyntheticCatalog, SyntheticCatalogSpec};
-use merge_indexer::topics::create_topics;
+use merge_indexer::kafka::topics::create_topics;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn indexes_from_an_external_broker() {
     let Ok(brokers) = std::env::var("MERGE_INDEXER_E2E_BROKERS") else {
-        let _ = writeln!(std::io::stderr(), "SKIPPED indexes_from_an_external_broker: set MERGE_INDEXER_E2E_BROKERS to a broker address (.ci/run starts tansu)");
+        inputs::skip_or_fail("indexes_from_an_external_broker", "MERGE_INDEXER_E2E_BROKERS is not set to a broker address (.ci/run starts tansu)");
         return;
     };
     let directory = tempfile::tempdir().unwrap();

@@ -4,13 +4,16 @@
 //!
 //! Needs the model (`scripts/fetch-minilm.sh`; `$MERGE_INDEXER_MODEL_DIR` overrides where it is
 //! looked for) and the graded ESCI folder (`$MERGE_INDEXER_ESCI_GRADED_DIR`); each test skips
-//! with a message on stderr when either is absent.
+//! with a message on stderr when either is absent (and fails instead under
+//! `MERGE_INDEXER_REQUIRE_TEST_INPUTS=1`, as in CI).
+
+mod inputs;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 use base64::Engine;
-use merge_indexer::datasets::{default_esci_graded_dir, EsciGraded};
+use merge_indexer::eval::datasets::{default_esci_graded_dir, EsciGraded};
 use merge_indexer::encoder::{cosine_similarity, product_text, InferenceBackend, ProductTextConfig, SentenceTransformer, TextEncoder};
 use sha2::{Digest, Sha256};
 
@@ -39,7 +42,8 @@ fn model_dir() -> PathBuf {
 fn load_encoder() -> Option<SentenceTransformer<InferenceBackend>> {
     let directory = model_dir();
     if !directory.join("model.safetensors").is_file() {
-        eprintln!("SKIPPED: no MiniLM model in {} (run scripts/fetch-minilm.sh or set MERGE_INDEXER_MODEL_DIR)", directory.display());
+        let missing = format!("no MiniLM model in {} (run scripts/fetch-minilm.sh or set MERGE_INDEXER_MODEL_DIR)", directory.display());
+        inputs::skip_or_fail("minilm_reference", &missing);
         return None;
     }
     Some(SentenceTransformer::load(&directory, "sentence-transformers/all-MiniLM-L6-v2", None, Default::default()).expect("the model loads"))
@@ -54,7 +58,8 @@ fn fixture() -> Fixture {
 fn fixture_texts(fixture: &Fixture) -> Option<Vec<String>> {
     let directory = default_esci_graded_dir();
     if !directory.join("products.jsonl").is_file() {
-        eprintln!("SKIPPED: no graded ESCI data in {} (set MERGE_INDEXER_ESCI_GRADED_DIR)", directory.display());
+        let missing = format!("no graded ESCI data in {} (set MERGE_INDEXER_ESCI_GRADED_DIR)", directory.display());
+        inputs::skip_or_fail("minilm_reference", &missing);
         return None;
     }
     let data = EsciGraded::load(&directory).expect("graded ESCI loads");

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use merge_indexer::events::{encode_query_event, InteractionAction, QuerySignal};
 use merge_indexer::kafka::{base_client_config, OutgoingMessage};
-use merge_indexer::source::{Indexer, RunOptions};
+use merge_indexer::ingest::{Indexer, RunOptions};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio::sync::watch;
 

@@ -2,17 +2,20 @@
 //! for every product as a bijection, saves the model with its config, and writes the report
 //! with the keys the issue names. Skips with a message when the data is absent.
 
+mod inputs;
+
 use std::collections::BTreeSet;
 use std::process::Command;
 
-use merge_indexer::datasets::default_esci_graded_dir;
+use merge_indexer::eval::datasets::default_esci_graded_dir;
 use merge_indexer::state::StateStore;
 
 #[test]
 fn train_docids_stores_a_bijection_and_reports() {
     let data = default_esci_graded_dir();
     if !data.join("products.jsonl").is_file() {
-        eprintln!("SKIPPED train_docids_stores_a_bijection_and_reports: no graded ESCI data in {} (set MERGE_INDEXER_ESCI_GRADED_DIR)", data.display());
+        let missing = format!("no graded ESCI data in {} (set MERGE_INDEXER_ESCI_GRADED_DIR)", data.display());
+        inputs::skip_or_fail("train_docids_stores_a_bijection_and_reports", &missing);
         return;
     }
     let directory = tempfile::tempdir().unwrap();

@@ -54,6 +54,23 @@ pub struct DocIdModelManifest {
     pub created_unix_seconds: u64,
 }
 
+impl DocIdModelManifest {
+    /// The manifest of a model trained now, with `variant` for `epochs`, on `documents` vectors of
+    /// `encoder`.
+    pub fn for_training(encoder: &dyn crate::encoder::TextEncoder, variant: Variant, documents: usize, epochs: usize) -> Self {
+        Self {
+            format_version: MANIFEST_FORMAT_VERSION,
+            encoder_cache_id: encoder.cache_id().to_owned(),
+            encoder_model: encoder.model_name().to_owned(),
+            embedding_dimension: encoder.dimension(),
+            variant,
+            trained_documents: documents,
+            epochs,
+            created_unix_seconds: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|elapsed| elapsed.as_secs()).unwrap_or(0),
+        }
+    }
+}
+
 /// Errors loading or saving a DocID model directory.
 #[derive(Debug, thiserror::Error)]
 pub enum DocIdModelError {

@@ -129,13 +129,16 @@ impl<B: Backend> RqVae<B> {
         self.codebooks.iter().map(Param::val).collect()
     }
 
-    /// Replaces codebook `level` (k-means initialisation, dead-code re-seeding).
+    /// Replaces the values of codebook `level` (k-means initialisation, dead-code re-seeding).
+    /// The parameter keeps its id, so an optimizer's state for it (AdamW's moments) carries on
+    /// instead of restarting under a new id while the old entry lingers.
     ///
     /// # Shapes
     /// - `codewords`: `[codebook, latent]`
     pub fn set_codebook(&mut self, level: usize, codewords: Tensor<B, 2>) {
         debug_assert_eq!(codewords.dims(), self.codebooks[level].val().dims());
-        self.codebooks[level] = Param::from_tensor(codewords);
+        let id = self.codebooks[level].id;
+        self.codebooks[level] = Param::initialized(id, codewords.require_grad());
     }
 
     /// Encodes, quantises level by level (nearest codeword by squared L2) and decodes the
@@ -151,19 +154,15 @@ impl<B: Backend> RqVae<B> {
         let mut codes = Vec::with_capacity(self.codebooks.len());
         let mut last_level_costs = None;
         for codebook in &self.codebooks {
-            let codebook = codebook.val();
-            let distances = squared_distances(residual.clone().detach(), codebook.clone().detach());
-            let [rows, _] = distances.dims();
-            let selected = distances.clone().argmin(1);
-            let codeword = codebook.select(0, selected.clone().reshape([rows]));
+            let nearest = nearest_codewords(residual.clone(), codebook.val());
             residuals.push(residual.clone());
-            codes.push(selected);
+            codes.push(nearest.codes);
             residual = match self.residual_gradient {
-                ResidualGradient::ThroughResidual => residual - codeword.clone().detach(),
-                ResidualGradient::DetachedLikeReference => (residual - codeword.clone()).detach(),
+                ResidualGradient::ThroughResidual => residual - nearest.codewords.clone().detach(),
+                ResidualGradient::DetachedLikeReference => (residual - nearest.codewords.clone()).detach(),
             };
-            codewords.push(codeword);
-            last_level_costs = Some(distances);
+            codewords.push(nearest.codewords);
+            last_level_costs = Some(nearest.distances);
         }
         let quantised = codewords.iter().skip(1).fold(codewords[0].clone(), |sum, codeword| sum + codeword.clone());
         let straight_through = encoded.clone() + (quantised - encoded.clone()).detach();
@@ -190,13 +189,10 @@ impl<B: Backend> RqVae<B> {
         let mut codes = Vec::with_capacity(self.codebooks.len());
         let mut last_level_costs = None;
         for codebook in &self.codebooks {
-            let codebook = codebook.val();
-            let distances = squared_distances(residual.clone(), codebook.clone());
-            let [rows, _] = distances.dims();
-            let selected = distances.clone().argmin(1);
-            residual = residual - codebook.select(0, selected.clone().reshape([rows]));
-            codes.push(selected);
-            last_level_costs = Some(distances);
+            let nearest = nearest_codewords(residual.clone(), codebook.val());
+            residual = residual - nearest.codewords;
+            codes.push(nearest.codes);
+            last_level_costs = Some(nearest.distances);
         }
         (Tensor::cat(codes, 1), last_level_costs.expect("at least one level"))
     }
@@ -212,6 +208,31 @@ fn mlp<B: Backend>(layers: &[Linear<B>], input: Tensor<B, 2>) -> Tensor<B, 2> {
             relu(output)
         }
     })
+}
+
+/// One quantisation step: each residual row's nearest codeword by squared L2.
+#[derive(Debug, Clone)]
+pub struct NearestCodewords<B: Backend> {
+    /// Index of the nearest codeword per row, `[n, 1]`.
+    pub codes: Tensor<B, 2, Int>,
+    /// The selected codewords, `[n, latent]`; gradients flow into the codebook through them.
+    pub codewords: Tensor<B, 2>,
+    /// Squared distance of every row to every codeword, `[n, codebook]` (no gradient).
+    pub distances: Tensor<B, 2>,
+}
+
+/// Selects each residual's nearest codeword (squared L2 on detached values; the selected rows of
+/// `codebook` keep their gradient). The one quantisation step behind [`RqVae::forward`],
+/// [`RqVae::quantize`] and the k-means initialisation of training.
+///
+/// # Shapes
+/// - `residual`: `[n, latent]`, `codebook`: `[codebook, latent]`; see [`NearestCodewords`]
+pub fn nearest_codewords<B: Backend>(residual: Tensor<B, 2>, codebook: Tensor<B, 2>) -> NearestCodewords<B> {
+    let distances = squared_distances(residual.detach(), codebook.clone().detach());
+    let [rows, _] = distances.dims();
+    let codes = distances.clone().argmin(1);
+    let codewords = codebook.select(0, codes.clone().reshape([rows]));
+    NearestCodewords { codes, codewords, distances }
 }
 
 /// ‖a_i − b_k‖² for every row pair.
@@ -279,6 +300,32 @@ mod tests {
     fn a_level_two_loss_reaches_the_encoder_only_through_the_residual() {
         assert!(encoder_gradient_norm_from_level_two(ResidualGradient::ThroughResidual) > 0.0, "the paper's intent: gradient flows through r_l");
         assert_eq!(encoder_gradient_norm_from_level_two(ResidualGradient::DetachedLikeReference), 0.0, "the reference's detached residual blocks it");
+    }
+
+    #[test]
+    fn reseeding_a_codebook_keeps_its_parameter_and_its_optimizer_state() {
+        use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+        let (mut model, input) = small(ResidualGradient::ThroughResidual);
+        let mut optimizer = AdamWConfig::new().init::<B, RqVae<B>>();
+        let step = |model: RqVae<B>, optimizer: &mut _| {
+            let output = model.forward(input.clone());
+            let loss = crate::docid::losses::reconstruction_loss(input.clone(), output.reconstruction)
+                + crate::docid::losses::rq_loss(&output.residuals, &output.codewords, 1.0);
+            let gradients = GradientsParams::from_grads(loss.backward(), &model);
+            Optimizer::step(optimizer, 1e-3, model, gradients)
+        };
+        model = step(model, &mut optimizer);
+        let id = model.codebooks[1].id;
+        let states = optimizer.to_record().len();
+        assert!(optimizer.to_record().contains_key(&id), "the codebook has optimizer state");
+        let device = Default::default();
+        model.set_codebook(1, Tensor::<B, 2>::random([5, 4], burn::tensor::Distribution::Normal(0.0, 1.0), &device));
+        assert_eq!(model.codebooks[1].id, id, "same parameter after the reseed");
+        model = step(model, &mut optimizer);
+        let record = optimizer.to_record();
+        assert_eq!(record.len(), states, "no second optimizer state for the reseeded codebook");
+        assert!(record.contains_key(&id));
+        assert!(model.codebooks[1].val().is_require_grad(), "still trained");
     }
 
     #[test]

@@ -3,9 +3,13 @@
 //! - [`text`] renders a product as encoder input (MERGE's `title: … description: …` format).
 //! - [`hashing`] is the zero-weight default: hashed word and character n-grams, randomly projected.
 //! - [`bert`] and [`minilm`] run a sentence-transformers BERT model (all-MiniLM-L6-v2) in burn
-//!   from its safetensors weights, on the CPU backend or, with the `cuda` feature, the GPU.
-//! - [`cache`] keeps embeddings in RocksDB by (encoder, content hash) and fills them off the
-//!   ingest path.
+//!   from its safetensors weights, on burn's Flex CPU backend or, with the `cuda` feature, the GPU.
+//! - [`cache`] fills the embedding cache (kept in state by (encoder, content hash)) with worker
+//!   threads off the ingest path.
+//!
+//! Owns the encoders and [`InferenceBackend`]. May call `state` (the embedding queue and cache,
+//! through [`StateStore`](crate::state::StateStore)), `events` (product content) and `metrics`;
+//! never Kafka, and never RocksDB directly.
 
 pub mod bert;
 pub mod cache;
@@ -20,16 +24,12 @@ pub use hashing::{HashingEncoder, HashingEncoderConfig};
 pub use minilm::SentenceTransformer;
 pub use text::{product_text, ProductTextConfig};
 
-/// The burn backend training and inference run on: CPU `ndarray` by default, burn's CPU Flex
-/// backend with the `flex` feature, CUDA with the `cuda` feature.
-#[cfg(not(any(feature = "cuda", feature = "flex")))]
-pub type InferenceBackend = burn::backend::NdArray<f32>;
-/// The burn backend training and inference run on: CPU `ndarray` by default, burn's CPU Flex
-/// backend with the `flex` feature, CUDA with the `cuda` feature.
-#[cfg(all(feature = "flex", not(feature = "cuda")))]
+/// The burn backend training and inference run on: burn's CPU Flex backend, or CUDA with the
+/// `cuda` feature.
+#[cfg(not(feature = "cuda"))]
 pub type InferenceBackend = burn::backend::Flex;
-/// The burn backend training and inference run on: CPU `ndarray` by default, burn's CPU Flex
-/// backend with the `flex` feature, CUDA with the `cuda` feature.
+/// The burn backend training and inference run on: burn's CPU Flex backend, or CUDA with the
+/// `cuda` feature.
 #[cfg(feature = "cuda")]
 pub type InferenceBackend = burn_cuda::Cuda<f32, i32>;
 

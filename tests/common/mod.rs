@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use merge_indexer::config::Config;
 use merge_indexer::kafka::{base_client_config, produce_all, reliable_producer, EmbeddedBroker, OutgoingMessage};
-use merge_indexer::source::{Indexer, RunOptions, RunSummary};
+use merge_indexer::ingest::{Indexer, RunOptions, RunSummary};
 use merge_indexer::state::{StateOptions, StateStore};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
@@ -38,6 +38,25 @@ pub async fn produce(config: &Config, bootstrap: &str, messages: &[OutgoingMessa
     let producer = reliable_producer(&config.kafka, bootstrap).expect("producer");
     let delivered = produce_all(&producer, messages).await.expect("delivery");
     assert_eq!(delivered, messages.len());
+}
+
+/// Polls `condition` every 20 ms until it holds; fails the test, naming `what`, once `timeout`
+/// passes. For waits on a condition instead of fixed sleeps.
+pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !condition() {
+        assert!(std::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// [`wait_until`] for async tests: yields to the runtime between polls.
+pub async fn wait_until_async(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !condition() {
+        assert!(std::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A message for `topic` with an optional key.

@@ -15,7 +15,7 @@ use crate::config::KafkaConfig;
 use crate::kafka::base_client_config;
 
 /// `topics/topics.json`, compiled in.
-pub const TOPICS_SPEC_JSON: &str = include_str!("../topics/topics.json");
+pub const TOPICS_SPEC_JSON: &str = include_str!("../../topics/topics.json");
 
 /// One topic of the spec.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -1,6 +1,11 @@
-//! Kafka plumbing shared by the source, the producer commands and the benchmark: client
-//! configuration with pass-through properties, and the embedded broker (librdkafka's mock
-//! cluster) used when no `--brokers` is given.
+//! Kafka plumbing shared by ingest, the producer commands and the benchmarks: client
+//! configuration with pass-through properties, reliable producers, JSONL → messages, the embedded
+//! broker (librdkafka's mock cluster) used when no `--brokers` is given, and topic administration
+//! ([`topics`]).
+//!
+//! Owns every Kafka client setting. May read `config`; must not touch state or decode events.
+
+pub mod topics;
 
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -183,4 +188,23 @@ pub async fn produce_all(producer: &FutureProducer, messages: &[OutgoingMessage]
         delivered += 1;
     }
     Ok(delivered)
+}
+
+/// Reads a JSONL file into messages, one per non-blank line, unchanged. For the products
+/// topic the key is the line's `product_id` when the line is JSON with one (so compaction
+/// works), otherwise no key.
+pub fn jsonl_messages(path: &std::path::Path, topic: &str, keyed_by_product_id: bool) -> anyhow::Result<Vec<OutgoingMessage>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let messages = text
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            let key = keyed_by_product_id
+                .then(|| serde_json::from_str::<serde_json::Value>(line).ok())
+                .flatten()
+                .and_then(|value| value.get("product_id").and_then(|id| id.as_str()).map(|id| id.as_bytes().to_vec()));
+            OutgoingMessage { topic: topic.to_owned(), key, payload: Some(line.as_bytes().to_vec()) }
+        })
+        .collect();
+    Ok(messages)
 }
