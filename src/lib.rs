@@ -27,6 +27,7 @@ pub mod events;
 pub mod ingest;
 pub mod kafka;
 pub mod metrics;
+pub mod retriever;
 pub mod service;
 pub mod state;
 pub mod synth;
