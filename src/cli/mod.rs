@@ -83,7 +83,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(arguments) => run::run_command(Config::load(config_file, &arguments.common.overrides())?, arguments.until_caught_up).await,
         Command::Demo(arguments) => {
-            merge_indexer::service::demo::run_demo(Config::load(config_file, &arguments.common.overrides())?, &arguments.options()).await
+            merge_indexer::service::demo::run_demo(Config::load(config_file, &arguments.common.overrides())?, &arguments.options).await
         }
         Command::Produce(arguments) => {
             let overrides = FlagOverrides { brokers: arguments.brokers.clone(), state_dir: arguments.state_dir.clone(), ..Default::default() };

@@ -16,21 +16,27 @@ use crate::kafka::{produce_all, reliable_producer};
 use crate::state::StateStore;
 use crate::synth::{malformed_examples, SyntheticCatalog, SyntheticCatalogSpec};
 
-/// What the demo produces and trains.
-#[derive(Debug, Clone)]
+/// What the demo produces and trains; also the `demo` command's flags.
+#[derive(Debug, Clone, clap::Args)]
 pub struct DemoOptions {
     /// Products in the synthetic catalog.
+    #[arg(long, default_value_t = 2_000)]
     pub products: usize,
     /// Queries in the synthetic catalog.
+    #[arg(long, default_value_t = 300)]
     pub queries: usize,
     /// Seed of the synthetic catalog.
+    #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Epochs of the DocID model trained on the indexed catalog (0: no DocID training; an
     /// existing model in the state's model directory is used instead, if any).
+    #[arg(long, default_value_t = 20)]
     pub docid_epochs: usize,
     /// Products of a second wave produced after DocID training, which get DocIDs incrementally.
+    #[arg(long, default_value_t = 50)]
     pub new_products: usize,
     /// Keep indexing (and serving /metrics) after the summary until interrupted.
+    #[arg(long)]
     pub keep_running: bool,
 }
 
